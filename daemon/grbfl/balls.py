@@ -1,0 +1,864 @@
+"""Granular balls: found on a participant, merged on the aggregator, sampled for training.
+
+A granular ball summarises at least ``min_size`` local samples of one class by their
+count, mean (the centre), per-dimension population variance and radius (the largest
+distance of a member from the centre). Balls are the only thing the ``balls`` strategy
+lets leave a device, and half of what the ``grbfl`` strategy sends.
+
+Finding balls (participant)
+---------------------------
+Each class gets a share of ``n_clusters`` proportional to its sample count (largest
+remainder rounding, at least one ball for a non-empty class), capped so that every ball
+could hold ``min_size`` samples and so that there are no more balls than distinct
+samples. Each class is clustered by k-means++ followed by Lloyd iterations (scikit-learn
+``KMeans``, one seeded start per class), which is deterministic for the same data and
+settings. A ball is shared (kept) only when it has at least ``min_size`` members, its mean
+per-dimension variance exceeds ``variance_threshold``, and its float32 centre is not
+bit-for-bit one of its members.
+
+Merging balls (aggregator)
+--------------------------
+Two balls may merge only when all of these hold:
+
+* they carry the same label;
+* they come from disjoint sets of participants (a participant's own balls never merge
+  with each other, directly or through an earlier merge);
+* their centres are closer than ``closeness`` times the smaller of their two spreads,
+  where a ball's spread is its RMS member distance ``sqrt(sum(variance))``;
+* the merged size stays within ``max_merged_size`` when one is given.
+
+Among the partners that qualify, each ball picks its nearest; two balls that pick each
+other merge. Passes repeat on the merged set until a pass merges nothing. The largest-
+member-distance overlap test is deliberately not used: in hundreds of dimensions nearly
+every pair of same-class balls overlaps by it, so it (or chaining overlaps) would collapse
+each class into one ball. A merge changes a spread by at most a factor
+``sqrt(1 + closeness**2 / 4)``, so merged balls stay local.
+
+Merged statistics are exact pooled statistics: sizes add, the centre is the
+size-weighted mean, the variance is the within-ball part plus the between-centre part,
+and the radius ``max(r_i + |c_i - c|)`` covers every member of both balls.
+
+Candidate search and its one approximation: per class, centres are projected onto the
+top principal directions of the class's centres, plus one coordinate holding the norm of
+what the projection leaves out. Distances in that small space never exceed the true
+distances, so a ball whose k-th nearest projected neighbour is already beyond its
+closeness limit provably has every qualifying partner among those k; true distances are
+computed only for those candidates. Balls for which this proof fails even at
+``_KNN_MAX`` candidates are searched among those candidates only, which may miss their
+true nearest qualifying partner; ``MergeStats.unverified`` counts them (0 means the
+merge followed the rule exactly).
+
+Sampling (aggregator)
+---------------------
+Synthetic points are drawn class-balanced, then proportional to ball size within a class,
+from a Gaussian with the ball's per-dimension variance, pulled back inside the ball's
+radius and optionally clipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy.spatial import cKDTree
+from sklearn.cluster import KMeans
+
+from grbfl.errors import DataError, WireError
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+# One k-means++ start per class: on CIFAR-10 pixels (1,667 samples of 3,072 dims, 10 to
+# 100 clusters) more starts multiply the time and move the inertia by about 1%.
+KMEANS_N_INIT = 1
+
+# A clustering is degenerate when the largest tenth of its balls holds more than half
+# of the samples; with fewer than ten balls a tenth is not a meaningful group.
+DEGENERATE_TOP_SHARE = 0.1
+DEGENERATE_SAMPLE_SHARE = 0.5
+DEGENERATE_MIN_BALLS = 10
+
+# Candidate search for merging: principal directions kept for the lower-bound space (a
+# k-d tree stays efficient up to about this many dimensions), and the number of
+# projected neighbours tried first and at most per ball.
+_PROJECTION_DIMS = 16
+_KNN_START = 8
+_KNN_MAX = 64
+
+# Candidate pairs whose true distances are computed at once (bounds memory: pairs x dims).
+_PAIR_CHUNK = 1 << 16
+
+# Rows drawn at once when sampling (bounds the temporary arrays to rows x dims).
+_SAMPLE_CHUNK = 8192
+
+_WIRE_FIELDS = ("labels", "sizes", "centers", "variances", "radii")
+
+
+@dataclass(frozen=True)
+class BallSettings:
+    """How a participant turns its samples into balls."""
+
+    n_clusters: int = 100
+    variance_threshold: float = 0.03
+    min_size: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_clusters < 1:
+            raise ValueError(f"n_clusters must be at least 1, got {self.n_clusters}")
+        if self.min_size < 1:
+            raise ValueError(f"min_size must be at least 1, got {self.min_size}")
+        if not math.isfinite(self.variance_threshold) or self.variance_threshold < 0:
+            raise ValueError(
+                "variance_threshold must be a finite number >= 0, "
+                f"got {self.variance_threshold}"
+            )
+
+
+@dataclass
+class BallSet:
+    """All balls of one participant, or of a merged set, as parallel arrays."""
+
+    labels: IntArray
+    sizes: IntArray
+    centers: FloatArray
+    variances: FloatArray
+    radii: FloatArray
+    owners: IntArray
+
+    def __post_init__(self) -> None:
+        count = self.labels.shape[0]
+        lengths = {
+            name: getattr(self, name).shape[0]
+            for name in (*_WIRE_FIELDS, "owners")
+        }
+        if any(length != count for length in lengths.values()):
+            raise ValueError(f"ball arrays differ in length: {lengths}")
+        if self.centers.ndim != 2 or self.centers.shape != self.variances.shape:
+            raise ValueError(
+                f"centers {self.centers.shape} and variances {self.variances.shape} "
+                "must be the same (balls, dims) shape"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of the space the balls live in."""
+        return int(self.centers.shape[1])
+
+    @classmethod
+    def empty(cls, dim: int) -> BallSet:
+        """A set with no balls in a space of ``dim`` dimensions."""
+        return cls(
+            labels=np.zeros(0, np.int64),
+            sizes=np.zeros(0, np.int64),
+            centers=np.zeros((0, dim), np.float32),
+            variances=np.zeros((0, dim), np.float32),
+            radii=np.zeros(0, np.float32),
+            owners=np.zeros(0, np.int64),
+        )
+
+    def subset(self, index: npt.ArrayLike) -> BallSet:
+        """The balls picked by a boolean mask or an index array, in that order."""
+        pick = np.asarray(index)
+        return BallSet(
+            labels=self.labels[pick],
+            sizes=self.sizes[pick],
+            centers=self.centers[pick],
+            variances=self.variances[pick],
+            radii=self.radii[pick],
+            owners=self.owners[pick],
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays that go on the wire (owners stay with the receiver)."""
+        return {name: getattr(self, name) for name in _WIRE_FIELDS}
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: dict[str, np.ndarray],
+        owner: int,
+        *,
+        dim: int | None = None,
+        num_classes: int | None = None,
+    ) -> BallSet:
+        """Validate balls received from the wire; raise WireError naming the field.
+
+        Integer fields must have an integer dtype and float fields a floating dtype;
+        they are converted to int64 and float32. ``dim`` and ``num_classes``, when
+        given, also pin the centre width and the label range.
+        """
+        if not isinstance(arrays, dict):
+            raise WireError(f"balls must be a mapping of arrays, got {type(arrays)}")
+        for name in _WIRE_FIELDS:
+            if name not in arrays:
+                raise WireError(f"balls field {name!r} is missing")
+            if not isinstance(arrays[name], np.ndarray):
+                raise WireError(
+                    f"balls field {name!r} must be an array, got {type(arrays[name])}"
+                )
+
+        labels = _wire_ints(arrays["labels"], "labels")
+        sizes = _wire_ints(arrays["sizes"], "sizes")
+        centers = _wire_floats(arrays["centers"], "centers", ndim=2)
+        variances = _wire_floats(arrays["variances"], "variances", ndim=2)
+        radii = _wire_floats(arrays["radii"], "radii", ndim=1)
+
+        # Shapes must agree with one another (and with the expected width).
+        count = labels.shape[0]
+        for name, array in (
+            ("sizes", sizes),
+            ("centers", centers),
+            ("variances", variances),
+            ("radii", radii),
+        ):
+            if array.shape[0] != count:
+                raise WireError(
+                    f"balls field {name!r} has {array.shape[0]} rows, "
+                    f"labels has {count}"
+                )
+        if variances.shape != centers.shape:
+            raise WireError(
+                f"balls field 'variances' has shape {variances.shape}, "
+                f"centers has {centers.shape}"
+            )
+        if dim is not None and centers.shape[1] != dim:
+            raise WireError(
+                f"balls field 'centers' has {centers.shape[1]} dims, expected {dim}"
+            )
+        if count and centers.shape[1] == 0:
+            raise WireError("balls field 'centers' has zero dims")
+
+        # Values must make sense as statistics.
+        if (sizes <= 0).any():
+            raise WireError("balls field 'sizes' holds a size <= 0")
+        if (labels < 0).any() or (num_classes is not None and (labels >= num_classes).any()):
+            raise WireError(f"balls field 'labels' holds a label outside [0, {num_classes})")
+        if (variances < 0).any():
+            raise WireError("balls field 'variances' holds a negative variance")
+        if (radii < 0).any():
+            raise WireError("balls field 'radii' holds a negative radius")
+
+        return cls(
+            labels=labels,
+            sizes=sizes,
+            centers=centers,
+            variances=variances,
+            radii=radii,
+            owners=np.full(count, owner, np.int64),
+        )
+
+    @staticmethod
+    def concat(sets: list[BallSet]) -> BallSet:
+        """All balls of several sets in one set, in order; empty sets may have any width."""
+        filled = [balls for balls in sets if len(balls)]
+        if not filled:
+            return BallSet.empty(sets[0].dim if sets else 0)
+        dims = {balls.dim for balls in filled}
+        if len(dims) > 1:
+            raise ValueError(f"cannot concatenate balls of different widths {sorted(dims)}")
+        return BallSet(
+            labels=np.concatenate([b.labels for b in filled]),
+            sizes=np.concatenate([b.sizes for b in filled]),
+            centers=np.concatenate([b.centers for b in filled]),
+            variances=np.concatenate([b.variances for b in filled]),
+            radii=np.concatenate([b.radii for b in filled]),
+            owners=np.concatenate([b.owners for b in filled]),
+        )
+
+
+@dataclass(frozen=True)
+class BallReport:
+    """What a participant's balls look like and how much of them it shares."""
+
+    per_class_found: dict[int, int]
+    per_class_kept: dict[int, int]
+    found: int
+    kept: int
+    share_kept: float
+    size_min: int
+    size_median: float
+    size_max: int
+    degenerate: bool
+    nbytes: int
+
+    def as_dict(self) -> dict:
+        """The report with JSON-friendly keys and values."""
+        return {
+            "per_class_found": {str(k): v for k, v in self.per_class_found.items()},
+            "per_class_kept": {str(k): v for k, v in self.per_class_kept.items()},
+            "found": self.found,
+            "kept": self.kept,
+            "share_kept": self.share_kept,
+            "size_min": self.size_min,
+            "size_median": self.size_median,
+            "size_max": self.size_max,
+            "degenerate": self.degenerate,
+            "nbytes": self.nbytes,
+        }
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """How a merge went: counts, pairwise merges done, wall time.
+
+    ``passes`` is the largest number of merging passes any class needed; ``unverified``
+    counts ball searches (over all passes) that could not prove they saw every
+    qualifying partner, see the module docstring.
+    """
+
+    before: int
+    after: int
+    merged_pairs: int
+    seconds: float
+    passes: int = 0
+    unverified: int = 0
+
+
+def ball_bytes(balls: BallSet) -> int:
+    """Bytes of the arrays that go on the wire for these balls."""
+    return sum(int(array.nbytes) for array in balls.to_arrays().values())
+
+
+def build_balls(
+    x: np.ndarray, y: np.ndarray, num_classes: int, settings: BallSettings
+) -> tuple[BallSet, BallSet, BallReport]:
+    """Cluster each class into balls; return all balls, the kept ones and a report."""
+    found, exposes_sample = find_balls(x, y, num_classes, settings)
+    kept, report = select_balls(
+        found, num_classes, settings, exposes_sample=exposes_sample
+    )
+    return found, kept, report
+
+
+def find_balls(
+    x: np.ndarray, y: np.ndarray, num_classes: int, settings: BallSettings
+) -> tuple[BallSet, BoolArray]:
+    """Cluster each class into balls, before any is filtered out.
+
+    Returns the balls (owner 0) and a mask of balls whose float32 centre equals one of
+    their members; those must never be shared. Split from ``select_balls`` so that a
+    sweep over variance thresholds clusters only once.
+    """
+    started = time.perf_counter()
+    x, y = _check_samples(x, y, num_classes)
+    counts = np.bincount(y, minlength=num_classes)
+    wanted = class_ball_counts(counts, settings)
+
+    # Cluster class by class; each class has its own seed derived from the settings.
+    parts: list[BallSet] = []
+    exposes: list[BoolArray] = []
+    for label in np.flatnonzero(wanted):
+        members = x[y == label]
+        seed = int(np.random.SeedSequence([settings.seed, int(label)]).generate_state(1)[0])
+        assignment = _cluster(members, int(wanted[label]), seed)
+        balls, exposed = _ball_stats(members, assignment, int(label))
+        parts.append(balls)
+        exposes.append(exposed)
+    found = BallSet.concat(parts) if parts else BallSet.empty(x.shape[1])
+    exposes_sample = np.concatenate(exposes) if exposes else np.zeros(0, np.bool_)
+
+    # The size distribution is the first thing to look at when accuracy is poor.
+    sizes = found.sizes
+    log.info(
+        "found %d balls for %d samples in %.1f s: sizes min %d, median %.1f, max %d",
+        len(found),
+        x.shape[0],
+        time.perf_counter() - started,
+        int(sizes.min()) if len(sizes) else 0,
+        float(np.median(sizes)) if len(sizes) else 0.0,
+        int(sizes.max()) if len(sizes) else 0,
+    )
+    if is_degenerate(sizes):
+        top = _top_count(len(sizes))
+        log.warning(
+            "degenerate clustering: the largest %d of %d balls hold %.0f%% of samples",
+            top,
+            len(sizes),
+            100.0 * np.sort(sizes)[::-1][:top].sum() / sizes.sum(),
+        )
+    return found, exposes_sample
+
+
+def select_balls(
+    found: BallSet,
+    num_classes: int,
+    settings: BallSettings,
+    *,
+    exposes_sample: BoolArray | None = None,
+) -> tuple[BallSet, BallReport]:
+    """Keep the balls that may be shared and report on the whole set."""
+    keep = (found.sizes >= settings.min_size) & (
+        found.variances.mean(axis=1, dtype=np.float64) > settings.variance_threshold
+    )
+    if exposes_sample is not None:
+        keep &= ~exposes_sample
+    kept = found.subset(keep)
+
+    sizes = found.sizes
+    per_found = np.bincount(found.labels, minlength=num_classes)
+    per_kept = np.bincount(kept.labels, minlength=num_classes)
+    report = BallReport(
+        per_class_found={c: int(per_found[c]) for c in range(num_classes)},
+        per_class_kept={c: int(per_kept[c]) for c in range(num_classes)},
+        found=len(found),
+        kept=len(kept),
+        share_kept=len(kept) / len(found) if len(found) else 0.0,
+        size_min=int(sizes.min()) if len(sizes) else 0,
+        size_median=float(np.median(sizes)) if len(sizes) else 0.0,
+        size_max=int(sizes.max()) if len(sizes) else 0,
+        degenerate=is_degenerate(sizes),
+        nbytes=ball_bytes(kept),
+    )
+    return kept, report
+
+
+def class_ball_counts(counts: np.ndarray, settings: BallSettings) -> IntArray:
+    """Balls wanted per class: a share of n_clusters, capped by min_size.
+
+    Largest-remainder rounding makes the shares add up to ``n_clusters`` before the
+    caps; a non-empty class gets at least one ball, and never more than
+    ``count // min_size`` unless that is zero (its one ball is then too small to keep).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    wanted = np.zeros(counts.shape[0], np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return wanted
+
+    # Largest remainder: floor every quota, then hand out what is left by fraction.
+    quota = settings.n_clusters * counts / total
+    wanted = np.floor(quota).astype(np.int64)
+    left = settings.n_clusters - int(wanted.sum())
+    order = np.lexsort((np.arange(counts.shape[0]), -(quota - wanted)))
+    wanted[order[:left]] += 1
+
+    nonempty = counts > 0
+    cap = np.maximum(counts // settings.min_size, 1)
+    return np.where(nonempty, np.minimum(np.maximum(wanted, 1), cap), 0)
+
+
+def is_degenerate(sizes: np.ndarray) -> bool:
+    """Whether the largest tenth of the balls holds more than half of the samples."""
+    if len(sizes) < DEGENERATE_MIN_BALLS:
+        return False
+    top = np.sort(np.asarray(sizes))[::-1][: _top_count(len(sizes))]
+    return bool(top.sum() > DEGENERATE_SAMPLE_SHARE * np.sum(sizes))
+
+
+def _top_count(count: int) -> int:
+    return max(1, math.ceil(DEGENERATE_TOP_SHARE * count))
+
+
+def merge_balls(
+    balls: BallSet, *, max_merged_size: int | None = None, closeness: float = 0.5
+) -> tuple[BallSet, MergeStats]:
+    """Merge same-class balls of different owners that describe the same region.
+
+    See the module docstring for the rule. Merged balls have owner -1; untouched balls
+    keep theirs. Balls come out grouped by label in ascending order.
+    """
+    started = time.perf_counter()
+    if not closeness > 0:
+        raise ValueError(f"closeness must be > 0, got {closeness}")
+    if max_merged_size is not None and max_merged_size < 1:
+        raise ValueError(f"max_merged_size must be at least 1, got {max_merged_size}")
+    if len(balls) == 0:
+        return balls.subset(slice(None)), MergeStats(0, 0, 0, 0.0)
+    cap = max_merged_size if max_merged_size is not None else np.iinfo(np.int64).max
+
+    # Owners become bits so that "no participant in common" is one AND per pair.
+    bits = _owner_bits(balls.owners)
+
+    parts: list[BallSet] = []
+    passes = 0
+    unverified = 0
+    for label in np.unique(balls.labels):
+        rows = np.flatnonzero(balls.labels == label)
+        group = _MergeGroup(balls.subset(rows), bits[rows])
+        group.run(closeness, cap)
+        parts.append(group.result(int(label)))
+        passes = max(passes, group.passes)
+        unverified += group.unverified
+    merged = BallSet.concat(parts)
+
+    stats = MergeStats(
+        before=len(balls),
+        after=len(merged),
+        merged_pairs=len(balls) - len(merged),
+        seconds=time.perf_counter() - started,
+        passes=passes,
+        unverified=unverified,
+    )
+    log.debug(
+        "merged %d balls into %d in %d passes, %.3f s (%d unverified searches)",
+        stats.before,
+        stats.after,
+        stats.passes,
+        stats.seconds,
+        stats.unverified,
+    )
+    return merged, stats
+
+
+def sample_balls(
+    balls: BallSet,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    clip: tuple[float, float] | None = None,
+    scale: float = 1.0,
+    balanced: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``n`` synthetic points and their labels from the balls.
+
+    With ``balanced`` (the default) every class present gets an equal share of the
+    points, and within a class balls are chosen in proportion to their size. The
+    variance filter drops balls unevenly across classes, so drawing in proportion to
+    size over all balls would skew the class prior of the training set away from the
+    data's (and from the balanced test sets of CIFAR-style benchmarks). With
+    ``balanced=False`` balls are chosen in proportion to size over all classes.
+
+    Each point is Gaussian around the ball's centre with the ball's per-dimension
+    variance times ``scale**2``, pulled radially back onto the ball when it falls outside
+    the radius, then clipped to ``clip``. Clipping cannot push a point out of the ball
+    when the centre lies inside the clip range, as it does for balls of clipped data.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    if n > 0 and len(balls) == 0:
+        raise ValueError("cannot sample from an empty ball set")
+    dim = balls.dim
+
+    # Pick a ball for every point.
+    weights = balls.sizes.astype(np.float64)
+    if balanced:
+        classes = np.unique(balls.labels)
+        share = np.full(classes.shape[0], n // max(classes.shape[0], 1), np.int64)
+        share[rng.permutation(classes.shape[0])[: n - int(share.sum())]] += 1
+        picks = []
+        for label, count in zip(classes, share, strict=True):
+            rows = np.flatnonzero(balls.labels == label)
+            picks.append(rng.choice(rows, size=int(count), p=weights[rows] / weights[rows].sum()))
+        pick = rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+    else:
+        pick = rng.choice(len(balls), size=n, p=weights / weights.sum())
+
+    # Draw in chunks to keep temporaries at chunk x dims.
+    out = np.empty((n, dim), np.float32)
+    std = np.sqrt(balls.variances) * np.float32(scale)
+    for start in range(0, n, _SAMPLE_CHUNK):
+        rows = pick[start : start + _SAMPLE_CHUNK]
+        noise = rng.standard_normal((rows.shape[0], dim), dtype=np.float32)
+        noise *= std[rows]
+        length = np.linalg.norm(noise, axis=1)
+        limit = balls.radii[rows]
+        outside = length > limit
+        noise[outside] *= (limit[outside] / length[outside])[:, None]
+        noise += balls.centers[rows]
+        out[start : start + rows.shape[0]] = noise
+    if clip is not None:
+        np.clip(out, clip[0], clip[1], out=out)
+    return out, balls.labels[pick].astype(np.int64)
+
+
+# -- finding -------------------------------------------------------------------------
+
+
+def _check_samples(
+    x: np.ndarray, y: np.ndarray, num_classes: int
+) -> tuple[FloatArray, IntArray]:
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"need x (N, D) and y (N,), got {x.shape} and {y.shape}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    if not np.isfinite(x).all():
+        raise DataError("samples hold NaN or infinite values")
+    return x, y
+
+
+def _cluster(members: FloatArray, wanted: int, seed: int) -> IntArray:
+    """Assign each member to one of at most ``wanted`` clusters."""
+    # k-means cannot find more clusters than distinct points (it would warn and leave
+    # some empty), so duplicates lower the count.
+    rows = np.ascontiguousarray(members + np.float32(0))  # -0.0 and 0.0 compare equal
+    distinct = np.unique(rows.view(np.dtype((np.void, rows.strides[0])))).shape[0]
+    clusters = min(wanted, distinct)
+    if clusters <= 1:
+        return np.zeros(members.shape[0], np.int64)
+    model = KMeans(
+        n_clusters=clusters, init="k-means++", n_init=KMEANS_N_INIT, random_state=seed
+    )
+    return model.fit_predict(members).astype(np.int64)
+
+
+def _ball_stats(
+    members: FloatArray, assignment: IntArray, label: int
+) -> tuple[BallSet, BoolArray]:
+    """Exact statistics of each non-empty cluster, and which centre equals a member."""
+    order = np.argsort(assignment, kind="stable")
+    points = members[order].astype(np.float64)
+    sizes = np.bincount(assignment)
+    sizes = sizes[sizes > 0]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    ball_of = np.repeat(np.arange(sizes.shape[0]), sizes)
+
+    # Mean and population variance in float64, so that the statistics are exact enough
+    # to pool later.
+    centers = np.add.reduceat(points, starts, axis=0) / sizes[:, None]
+    deviation = points - centers[ball_of]
+    variances = np.add.reduceat(deviation * deviation, starts, axis=0) / sizes[:, None]
+
+    # The radius is measured from the float32 centre that is sent, and rounded up, so
+    # that it covers every member of the ball as the receiver sees it.
+    sent = centers.astype(np.float32)
+    deviation = points - sent.astype(np.float64)[ball_of]
+    radii = np.sqrt(np.maximum.reduceat(np.einsum("ij,ij->i", deviation, deviation), starts))
+    exposed = np.logical_or.reduceat(
+        (members[order] == sent[ball_of]).all(axis=1), starts
+    )
+    balls = BallSet(
+        labels=np.full(sizes.shape[0], label, np.int64),
+        sizes=sizes.astype(np.int64),
+        centers=sent,
+        variances=variances.astype(np.float32),
+        radii=_round_up(radii),
+        owners=np.zeros(sizes.shape[0], np.int64),
+    )
+    return balls, exposed
+
+
+def _round_up(values: np.ndarray) -> FloatArray:
+    """float64 values as float32 no smaller than them."""
+    rounded = values.astype(np.float32)
+    low = rounded.astype(np.float64) < values
+    rounded[low] = np.nextafter(rounded[low], np.float32(np.inf))
+    return rounded
+
+
+# -- merging -------------------------------------------------------------------------
+
+
+def _owner_bits(owners: IntArray) -> npt.NDArray[np.uint64]:
+    """One bit per distinct owner; owner -1 (already merged, unknown) sets no bit."""
+    known = owners >= 0
+    distinct, position = np.unique(owners[known], return_inverse=True)
+    words = max(1, math.ceil(distinct.shape[0] / 64))
+    bits = np.zeros((owners.shape[0], words), np.uint64)
+    rows = np.flatnonzero(known)
+    bits[rows, position // 64] = np.left_shift(
+        np.uint64(1), (position % 64).astype(np.uint64)
+    )
+    return bits
+
+
+class _MergeGroup:
+    """The balls of one class while they are being merged, kept in float64."""
+
+    def __init__(self, balls: BallSet, bits: npt.NDArray[np.uint64]) -> None:
+        self.sizes = balls.sizes.astype(np.int64)
+        self.centers = balls.centers.astype(np.float64)
+        # Sums of squared deviations per dimension: they add up exactly when pooling.
+        self.squares = balls.variances.astype(np.float64) * self.sizes[:, None]
+        self.radii = balls.radii.astype(np.float64)
+        self.bits = bits
+        self.owners = balls.owners.copy()
+        self.passes = 0
+        self.unverified = 0
+        self._basis, self._origin = _principal_basis(self.centers)
+
+    def run(self, closeness: float, cap: int) -> None:
+        """Merge mutual nearest qualifying partners until a pass merges nothing."""
+        while len(self.sizes) > 1:
+            spread = np.sqrt(self.squares.sum(axis=1) / self.sizes)
+            partner = self._nearest_partner(closeness * spread, cap)
+            index = np.arange(len(partner))
+            mutual = (partner > index) & (partner[np.maximum(partner, 0)] == index)
+            if not mutual.any():
+                return
+            self._merge(index[mutual], partner[mutual])
+            self.passes += 1
+
+    def result(self, label: int) -> BallSet:
+        """The merged balls as a float32 set whose radii still cover their members."""
+        centers = self.centers.astype(np.float32)
+        # Rounding moves the centre a little; widen the radius by as much.
+        shift = np.linalg.norm(centers.astype(np.float64) - self.centers, axis=1)
+        return BallSet(
+            labels=np.full(len(self.sizes), label, np.int64),
+            sizes=self.sizes,
+            centers=centers,
+            variances=(self.squares / self.sizes[:, None]).astype(np.float32),
+            radii=_round_up(self.radii + shift),
+            owners=self.owners,
+        )
+
+    def _merge(self, first: IntArray, second: IntArray) -> None:
+        n1 = self.sizes[first].astype(np.float64)
+        n2 = self.sizes[second].astype(np.float64)
+        total = n1 + n2
+        delta = self.centers[second] - self.centers[first]
+        distance = np.linalg.norm(delta, axis=1)
+
+        # Pooled statistics: within-ball squares plus the between-centre part.
+        center = self.centers[first] + (n2 / total)[:, None] * delta
+        squares = (
+            self.squares[first]
+            + self.squares[second]
+            + (n1 * n2 / total)[:, None] * delta * delta
+        )
+        # Every member lies within r_i of c_i, and c_i within |c_i - c| of the new centre.
+        radius = np.maximum(
+            self.radii[first] + distance * (n2 / total),
+            self.radii[second] + distance * (n1 / total),
+        )
+
+        self.sizes[first] += self.sizes[second]
+        self.centers[first] = center
+        self.squares[first] = squares
+        self.radii[first] = radius
+        self.bits[first] |= self.bits[second]
+        self.owners[first] = -1
+        keep = np.ones(len(self.sizes), np.bool_)
+        keep[second] = False
+        self.sizes = self.sizes[keep]
+        self.centers = self.centers[keep]
+        self.squares = self.squares[keep]
+        self.radii = self.radii[keep]
+        self.bits = self.bits[keep]
+        self.owners = self.owners[keep]
+
+    def _nearest_partner(self, limit: np.ndarray, cap: int) -> IntArray:
+        """Each ball's nearest qualifying partner, or -1 when it has none."""
+        count = len(self.sizes)
+        points = self._lower_bound_points()
+        tree = cKDTree(points)
+        centers = self.centers.astype(np.float32)
+
+        # Ask for more projected neighbours only for balls that cannot yet prove they
+        # have seen every partner closer than their limit. Rounding in the bound is
+        # absorbed by a tolerance far below any distance that matters.
+        tolerance = 1e-6 * float(np.abs(points).max()) + 1e-12
+        edges: list[tuple[IntArray, IntArray, FloatArray]] = []
+        todo = np.arange(count)
+        neighbours = _KNN_START
+        while todo.shape[0]:
+            k = min(neighbours + 1, count)  # one of them is the ball itself
+            bound, found = tree.query(points[todo], k=k, workers=-1)
+            src = np.repeat(todo, k)
+            dst = found.reshape(-1).astype(np.int64)
+            edges.append((src, dst, _pair_distances(centers, src, dst)))
+            proven = (k == count) | (bound[:, -1] >= limit[todo] + tolerance)
+            if k == count or neighbours >= _KNN_MAX:
+                self.unverified += int((~proven).sum())
+                break
+            todo = todo[~proven]
+            neighbours *= 2
+
+        # Both directions of every measured pair, then keep the ones that qualify.
+        src = np.concatenate([e[0] for e in edges] + [e[1] for e in edges])
+        dst = np.concatenate([e[1] for e in edges] + [e[0] for e in edges])
+        dist = np.concatenate([e[2] for e in edges] * 2)
+        ok = (
+            (src != dst)
+            & (dist < np.minimum(limit[src], limit[dst]))
+            & ~(self.bits[src] & self.bits[dst]).any(axis=1)
+            & (self.sizes[src] + self.sizes[dst] <= cap)
+        )
+        src, dst, dist = src[ok], dst[ok], dist[ok]
+
+        # Nearest per ball, ties broken by the partner's position for determinism.
+        partner = np.full(count, -1, np.int64)
+        if src.shape[0]:
+            order = np.lexsort((dst, dist, src))
+            src, dst = src[order], dst[order]
+            first = np.ones(src.shape[0], np.bool_)
+            first[1:] = src[1:] != src[:-1]
+            partner[src[first]] = dst[first]
+        return partner
+
+    def _lower_bound_points(self) -> np.ndarray:
+        """Points whose pairwise distances never exceed those of the centres.
+
+        The projection onto orthonormal directions shrinks distances, and the norm of
+        the remainder differs between two centres by at most the remainder of their
+        difference, so appending it keeps the bound.
+        """
+        shifted = self.centers - self._origin
+        projected = shifted @ self._basis
+        rest = np.einsum("ij,ij->i", shifted, shifted) - np.einsum(
+            "ij,ij->i", projected, projected
+        )
+        return np.hstack([projected, np.sqrt(np.maximum(rest, 0.0))[:, None]])
+
+
+def _principal_basis(centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal top principal directions of the centres (randomised, seeded)."""
+    origin = centers.mean(axis=0)
+    shifted = centers - origin
+    dims = min(_PROJECTION_DIMS, centers.shape[1], centers.shape[0])
+    if dims == centers.shape[1]:
+        return np.eye(centers.shape[1]), origin
+
+    # A randomised range finder with two power iterations is plenty for a bound whose
+    # only job is pruning; a fixed seed keeps the merge deterministic.
+    sketch = np.random.default_rng(0).standard_normal((centers.shape[1], dims))
+    basis, _ = np.linalg.qr(shifted @ sketch)
+    for _ in range(2):
+        basis, _ = np.linalg.qr(shifted.T @ basis)
+        basis, _ = np.linalg.qr(shifted @ basis)
+    basis, _ = np.linalg.qr(shifted.T @ basis)
+    return basis, origin
+
+
+def _pair_distances(centers: FloatArray, src: IntArray, dst: IntArray) -> FloatArray:
+    """Euclidean distances between listed pairs of centres, in chunks."""
+    out = np.empty(src.shape[0], np.float32)
+    for start in range(0, src.shape[0], _PAIR_CHUNK):
+        stop = start + _PAIR_CHUNK
+        delta = centers[src[start:stop]] - centers[dst[start:stop]]
+        out[start:stop] = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+    return out
+
+
+# -- wire ----------------------------------------------------------------------------
+
+
+def _wire_ints(array: np.ndarray, name: str) -> IntArray:
+    if array.ndim != 1:
+        raise WireError(f"balls field {name!r} must be 1-D, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise WireError(f"balls field {name!r} must hold integers, got {array.dtype}")
+    if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+        raise WireError(f"balls field {name!r} holds a value beyond int64")
+    return array.astype(np.int64)
+
+
+def _wire_floats(array: np.ndarray, name: str, *, ndim: int) -> FloatArray:
+    if array.ndim != ndim:
+        raise WireError(
+            f"balls field {name!r} must be {ndim}-D, got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise WireError(f"balls field {name!r} must hold floats, got {array.dtype}")
+    with np.errstate(over="ignore"):
+        converted = array.astype(np.float32)
+    if not np.isfinite(converted).all():
+        raise WireError(f"balls field {name!r} holds NaN or infinite values")
+    return converted

@@ -1,0 +1,504 @@
+"""Image data: folders of class sub-folders in, uint8 arrays out, and how to split them.
+
+A data folder is the layout a lab user already has on disk::
+
+    root/<class name>/<any name>.jpg|.jpeg|.png
+
+The class list and its order come from the federation's configuration, never from the
+local folder: a Pi that holds no images of a class, or lists its folders in another
+order, must still produce the same label numbers as every other node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from grbfl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+DIGIT_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+# Every model and every granular ball works on 32x32 RGB; larger images are reduced.
+IMAGE_SIZE = 32
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+
+# Decoding a 32x32 JPEG takes tens of microseconds, so files are handed to the pool in
+# chunks; one task per file would spend more time in the executor than in PIL.
+_CHUNK = 512
+
+# Bumped whenever the decoding below changes, so that old caches are not reused.
+_CACHE_VERSION = 1
+
+# export_digits: 80/20 stratified split with a fixed seed, the same on every machine.
+_DIGITS_TEST_SHARE = 0.2
+_DIGITS_SEED = 0
+_DIGITS_MARKER = ".grbfl-digits-complete"
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images with their labels and the class names the labels index."""
+
+    images: np.ndarray  # uint8 (N, 32, 32, 3), RGB
+    labels: np.ndarray  # int64 (N,), index into classes
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        """The images at the given indices (a copy), with the same class list."""
+        idx = np.asarray(idx)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+
+    def as_float(self) -> np.ndarray:
+        """float32 (N, 3, 32, 32) in [0, 1]: the model input and the balls' pixel space."""
+        out = np.empty((len(self), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+        np.multiply(self.images.transpose(0, 3, 1, 2), 1.0 / 255.0, out=out)
+        return out
+
+    def class_counts(self) -> np.ndarray:
+        """Number of images per class, int64 (len(classes),)."""
+        return np.bincount(self.labels, minlength=len(self.classes)).astype(np.int64)
+
+
+def discover_classes(root: Path) -> tuple[str, ...]:
+    """Sorted names of the sub-folders of root: a class list when none is configured."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    names = sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not names:
+        raise DataError(f"data folder {root} has no class sub-folders")
+    return tuple(names)
+
+
+def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """(path relative to root, label) of every JPEG and PNG in root's class folders.
+
+    Sorted by path. A listed class without a local folder is fine (a device may hold no
+    images of it); a sub-folder that is not a listed class is skipped with one warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    label_of = {name: i for i, name in enumerate(classes)}
+    if len(label_of) != len(classes):
+        raise DataError(f"class list for {root} names a class twice: {list(classes)}")
+
+    # Walk only the class folders; files lying directly in root are not images of a class.
+    unknown = sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in label_of
+    )
+    if unknown:
+        log.warning(
+            "data folder %s: skipping %d sub-folder(s) that are not in the class list: %s",
+            root,
+            len(unknown),
+            ", ".join(unknown),
+        )
+    found: list[tuple[str, int]] = []
+    for name, label in label_of.items():
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            for fname in filenames:
+                if fname.startswith("."):
+                    continue
+                if os.path.splitext(fname)[1].lower() in IMAGE_SUFFIXES:
+                    found.append((f"{rel_dir}/{fname}", label))
+    found.sort()
+    return found
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB; transparent areas become black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale PNG: keep the top byte rather than clipping at 255.
+        arr = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
+        arr = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _square_resize(img: Image.Image) -> Image.Image:
+    """Center-crop to a square (keeps proportions), then resize to IMAGE_SIZE."""
+    w, h = img.size
+    if (w, h) == (IMAGE_SIZE, IMAGE_SIZE):
+        return img
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """One image file as uint8 (32, 32, 3) RGB; DataError naming the file if unusable."""
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                # Let libjpeg scale a large photo down while decoding: much faster.
+                img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+            img.load()
+            arr = np.asarray(_square_resize(_to_rgb(img)), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+    if arr.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise DataError(f"image {path} decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def _fast_decoder() -> Callable[[Path], np.ndarray | None] | None:
+    """torchvision's C++ decoder for the common case, or None where it is missing.
+
+    PIL spends about 150 us per small JPEG parsing headers in Python, torchvision about
+    40 us, and the two produce identical pixels. The fast path takes only 8-bit grey or
+    RGB results; anything else (alpha, palette with transparency, 16-bit, CMYK, a
+    corrupt file) returns None and goes through PIL, which knows every case.
+    """
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_image as tv_decode, read_file
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+
+    def decode(path: Path) -> np.ndarray | None:
+        try:
+            chw = tv_decode(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        except (RuntimeError, ValueError):
+            return None
+        if chw.dtype != torch.uint8 or chw.ndim != 3 or chw.shape[0] not in (1, 3):
+            return None
+        hwc = chw.permute(1, 2, 0).numpy()
+        if hwc.shape[2] == 1:
+            hwc = np.repeat(hwc, 3, axis=2)
+        if hwc.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+            img = _square_resize(Image.fromarray(np.ascontiguousarray(hwc), mode="RGB"))
+            hwc = np.asarray(img, dtype=np.uint8)
+        return hwc
+
+    return decode
+
+
+def _cache_key(root: Path, classes: Sequence[str], files: Sequence[tuple[str, int]]) -> str:
+    """Hash of everything that decides the decoded arrays: paths, labels, sizes, mtimes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([_CACHE_VERSION, str(root.resolve()), list(classes)]).encode())
+    for rel, label in files:
+        st = os.stat(root / rel)
+        h.update(f"\0{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _load_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("ignoring unreadable image cache %s: %s", path, exc)
+        return None
+    if (
+        images.dtype != np.uint8
+        or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
+        or labels.shape != (images.shape[0],)
+        or images.shape[0] > n
+    ):
+        log.warning("ignoring image cache %s: unexpected contents", path)
+        return None
+    return images, labels.astype(np.int64, copy=False)
+
+
+def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write the arrays next to path, then rename: a crash never leaves half a cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, images=images, labels=labels)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        # A cache is an optimisation: failing to write one must not fail the load.
+        log.warning("cannot write image cache %s: %s", path, exc)
+
+
+def load_image_folder(
+    root: Path,
+    classes: Sequence[str],
+    *,
+    files: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+) -> ImageSet:
+    """Decode every image under root's class folders into an ImageSet.
+
+    classes fixes the label numbers (the federation's list, not the folder order).
+    files, when given, restricts the load to those paths relative to root. Unreadable
+    files are skipped with a warning; if none can be read, DataError. With cache_dir,
+    the decoded arrays are kept there and reused while no file changes.
+    """
+    root = Path(root)
+    listing = list_images(root, classes)
+
+    # Restrict to the requested files, which must exist in a class folder.
+    if files is not None:
+        by_path = dict(listing)
+        wanted = [Path(f).as_posix() for f in files]
+        missing = [f for f in wanted if f not in by_path]
+        if missing:
+            raise DataError(
+                f"data folder {root}: {len(missing)} requested file(s) not found in a "
+                f"class folder, e.g. {missing[0]}"
+            )
+        listing = sorted((f, by_path[f]) for f in set(wanted))
+    if not listing:
+        raise DataError(
+            f"data folder {root} holds no JPEG or PNG images in class folders "
+            f"{', '.join(classes)}"
+        )
+
+    # Reuse the cache when nothing changed.
+    cache_path: Path | None = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"images-{_cache_key(root, classes, listing)}.npz"
+        if cache_path.is_file():
+            cached = _load_cache(cache_path, len(listing))
+            if cached is not None:
+                log.debug("loaded %d images of %s from cache %s", len(cached[1]), root, cache_path)
+                if progress is not None:
+                    progress(len(listing), len(listing))
+                return ImageSet(cached[0], cached[1], tuple(classes))
+
+    images, labels = _decode_all(root, listing, progress, workers)
+    if cache_path is not None:
+        _write_cache(cache_path, images, labels)
+    return ImageSet(images, labels, tuple(classes))
+
+
+def _decode_all(
+    root: Path,
+    listing: Sequence[tuple[str, int]],
+    progress: ProgressFn | None,
+    workers: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the listed files in a thread pool; skip unreadable ones with a warning."""
+    n = len(listing)
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    failures: list[str] = []
+
+    fast = _fast_decoder()
+
+    def decode_chunk(start: int) -> int:
+        for i in range(start, min(start + _CHUNK, n)):
+            path = root / listing[i][0]
+            try:
+                arr = fast(path) if fast is not None else None
+                images[i] = arr if arr is not None else decode_image(path)
+                ok[i] = True
+            except DataError as exc:
+                failures.append(str(exc))
+        return min(start + _CHUNK, n) - start
+
+    # The decoders release the GIL while they work, so threads share the cores without
+    # the cost of starting processes and pickling arrays between them.
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    done = 0
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="grbfl-decode") as pool:
+        for count in pool.map(decode_chunk, range(0, n, _CHUNK)):
+            done += count
+            if progress is not None:
+                progress(done, n)
+
+    if failures:
+        failures.sort()
+        log.warning("%s", failures[0])
+        if len(failures) > 1:
+            log.warning(
+                "data folder %s: skipped %d unreadable files (first shown above)",
+                root,
+                len(failures),
+            )
+    if not ok.any():
+        raise DataError(f"data folder {root}: none of its {n} image files could be read")
+    labels = np.fromiter((label for _, label in listing), dtype=np.int64, count=n)
+    if ok.all():
+        return images, labels
+    return images[ok], labels[ok]
+
+
+def export_digits(dest: Path) -> tuple[Path, Path]:
+    """Write scikit-learn's handwritten digits as PNG image folders; return (train, test).
+
+    The 8x8 images (grey levels 0..16) are scaled to 0..255 and enlarged to 32x32, and
+    split 80/20 per class with a fixed seed into dest/train/<digit>/ and dest/test/<digit>/.
+    Returns at once if a previous call completed; a crash mid-way is redone next time.
+    """
+    dest = Path(dest)
+    train_dir, test_dir = dest / "train", dest / "test"
+    marker = dest / _DIGITS_MARKER
+    if marker.is_file() and train_dir.is_dir() and test_dir.is_dir():
+        return train_dir, test_dir
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    # Build the whole set in a private folder on the same file system.
+    digits = load_digits()
+    pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    index = np.arange(len(digits.target))
+    train_idx, test_idx = train_test_split(
+        index,
+        test_size=_DIGITS_TEST_SHARE,
+        stratify=digits.target,
+        random_state=_DIGITS_SEED,
+    )
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=dest, prefix=".digits-"))
+    except OSError as exc:
+        raise DataError(f"cannot create digits folder {dest}: {exc}") from exc
+    try:
+        for split, idx in (("train", train_idx), ("test", test_idx)):
+            for i in sorted(idx.tolist()):
+                folder = work / split / str(int(digits.target[i]))
+                folder.mkdir(parents=True, exist_ok=True)
+                img = Image.fromarray(pixels[i], mode="L").resize(
+                    (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR
+                )
+                img.save(folder / f"{i:04d}.png")
+
+        # Another process may have finished meanwhile: then its folders stand.
+        if marker.is_file() and train_dir.is_dir() and test_dir.is_dir():
+            return train_dir, test_dir
+
+        # Replace whatever a crashed run left, then mark the set complete last.
+        for split_dir in (train_dir, test_dir):
+            if split_dir.exists():
+                shutil.rmtree(split_dir)
+            os.replace(work / split_dir.name, split_dir)
+        marker.write_text(
+            json.dumps({"train": len(train_idx), "test": len(test_idx)}) + "\n"
+        )
+    except OSError as exc:
+        raise DataError(f"cannot write digits image folders under {dest}: {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info(
+        "wrote %d training and %d test digit images under %s",
+        len(train_idx),
+        len(test_idx),
+        dest,
+    )
+    return train_dir, test_dir
+
+
+def parse_partition_scheme(scheme: str) -> tuple[str, float | None]:
+    """("iid", None) or ("dirichlet", alpha); ValueError naming the allowed forms."""
+    text = scheme.strip().lower()
+    if text == "iid":
+        return "iid", None
+    allowed = "allowed: 'iid' or 'dirichlet:ALPHA' with ALPHA a number > 0, e.g. dirichlet:0.5"
+    if text.startswith("dirichlet:"):
+        try:
+            alpha = float(text.split(":", 1)[1])
+        except ValueError:
+            alpha = math.nan
+        if math.isfinite(alpha) and alpha > 0:
+            return "dirichlet", alpha
+    raise ValueError(f"partition scheme {scheme!r} is not valid; {allowed}")
+
+
+def partition(labels: np.ndarray, n_parts: int, scheme: str, seed: int) -> list[np.ndarray]:
+    """Split sample indices into n_parts disjoint, non-empty, sorted int64 arrays.
+
+    "iid": a random split into near-equal parts. "dirichlet:ALPHA": for each class, the
+    share each part gets is drawn from Dirichlet(ALPHA); small ALPHA gives each part few
+    classes, large ALPHA approaches iid. Deterministic for a seed.
+    """
+    kind, alpha = parse_partition_scheme(scheme)
+    labels = np.asarray(labels)
+    n = int(labels.shape[0])
+    if n_parts < 1:
+        raise ValueError(f"n_parts must be at least 1, got {n_parts}")
+    if n_parts > n:
+        raise ValueError(f"cannot split {n} samples into {n_parts} non-empty parts")
+    rng = np.random.default_rng(seed)
+
+    if kind == "iid":
+        order = rng.permutation(n)
+        return [np.sort(part).astype(np.int64) for part in np.array_split(order, n_parts)]
+
+    assert alpha is not None
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+
+    # Draw until no part is empty; with tiny ALPHA that may never happen, so a part left
+    # empty after a few draws gets one sample from the largest part.
+    for _ in range(20):
+        chunks: list[list[np.ndarray]] = [[] for _ in range(n_parts)]
+        for idx in by_class:
+            shares = rng.dirichlet(np.full(n_parts, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+            for p, piece in enumerate(np.split(idx, cuts)):
+                chunks[p].append(piece)
+        parts = [np.concatenate(c) if c else np.empty(0, np.int64) for c in chunks]
+        if all(len(p) for p in parts):
+            break
+    for p in range(n_parts):
+        if len(parts[p]) == 0:
+            donor = int(np.argmax([len(q) for q in parts]))
+            parts[p], parts[donor] = parts[donor][-1:], parts[donor][:-1]
+    return [np.sort(p).astype(np.int64) for p in parts]

@@ -1,0 +1,243 @@
+"""The participant daemon: answers the aggregator's orders with local work."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import wire
+from .config import Config
+from .data import load_image_folder
+from .errors import DataError, GrbflError, WireError
+from .node import Node
+from .strategy import LocalData, Order, participant_work
+
+log = logging.getLogger(__name__)
+
+# Models kept in memory by digest; two covers "current" and "arriving".
+_MODELS_KEPT = 2
+# States that describe the work being done, shown in status.
+_WORK_STATE = {"train": "training", "embed": "clustering", "balls": "clustering"}
+
+
+class Participant(Node):
+    role = "participant"
+
+    def __init__(self, config: Config, *, exit_when_done: bool = False) -> None:
+        super().__init__(config, exit_when_done=exit_when_done)
+        self.order: Order | None = None
+        self.models: dict[str, dict[str, np.ndarray]] = {}
+        self.model_arrival: dict[str, float] = {}
+        self.model_reassembler = wire.Reassembler(config.broker.max_payload_bytes)
+        self.model_first_part = 0.0
+        self.wake = asyncio.Event()
+        self.stop_work = threading.Event()
+        self.working_key: tuple[str, int, str] | None = None
+        # Last answer per (run, round, phase), republished if the aggregator asks
+        # again (after its restart or a retried round) instead of redoing work.
+        self.answers: dict[tuple[str, int, str], list[bytes]] = {}
+        self.answered_announce: set[str] = set()
+        self.data: LocalData | None = None
+
+    def subscriptions(self) -> list[str]:
+        return [self.topics.run, self.topics.model_all]
+
+    async def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.topics.run:
+            if not payload:
+                return
+            body = wire.decode_json(payload)
+            if body.get("phase") == "done":
+                self.order = None
+                self.run_id = body.get("run") if isinstance(body.get("run"), str) else None
+                self._finished = True
+                self.wake.set()
+                return
+            order = Order.parse(body)
+            self.order = order
+            self._finished = False
+            if self.working_key is not None and self.working_key != order.key:
+                log.info("aggregator moved on to round %d %s; abandoning %s",
+                         order.round, order.phase, self.working_key)
+                self.stop_work.set()
+            self.wake.set()
+        elif topic.startswith(self.topics.base + "/model/"):
+            if not payload:
+                return
+            if not self.model_first_part:
+                self.model_first_part = time.monotonic()
+            done = self.model_reassembler.add(payload)
+            if done is None:
+                return
+            digest, body_bytes = done
+            download_s = time.monotonic() - self.model_first_part
+            self.model_first_part = 0.0
+            if digest in self.models:
+                return
+            body = await asyncio.to_thread(
+                wire.decode_cbor,
+                body_bytes,
+                limit=self.config.broker.max_payload_bytes,
+            )
+            state = wire.require(body, "state", dict, "model message")
+            for name, value in state.items():
+                if not isinstance(value, np.ndarray):
+                    raise WireError(f"model message: weight {name!r} is not an array")
+            self.models[digest] = state
+            self.model_arrival[digest] = download_s
+            while len(self.models) > _MODELS_KEPT:
+                oldest = next(iter(self.models))
+                del self.models[oldest]
+            log.debug("model %s arrived (%d bytes)", digest[:12], len(body_bytes))
+            self.wake.set()
+
+    _finished = False
+
+    def on_shutdown(self) -> None:
+        self.stop_work.set()
+
+    async def _load_data(self) -> LocalData:
+        cfg = self.config
+        files = None
+        if cfg.data.files_list is not None:
+            try:
+                text = cfg.data.files_list.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise DataError(
+                    f"{cfg.source}: data.files_list = '{cfg.data.files_list}': "
+                    f"cannot read: {exc.strerror}"
+                ) from exc
+            files = [line for line in text.splitlines() if line.strip()]
+        images = await asyncio.to_thread(
+            load_image_folder,
+            cfg.data.dir,  # type: ignore[arg-type]
+            cfg.data.classes,
+            files=files,
+            cache_dir=self.state_dir / "cache",
+        )
+        if cfg.data.limit and len(images) > cfg.data.limit:
+            images = images.subset(np.arange(cfg.data.limit))
+        if len(images) == 0:
+            raise DataError(f"{cfg.data.dir}: no images to train on")
+        counts = np.bincount(images.labels, minlength=len(cfg.data.classes))
+        log.info(
+            "local data: %d images; per class %s",
+            len(images),
+            dict(zip(cfg.data.classes, counts.tolist(), strict=True)),
+        )
+        return LocalData(images.as_float(), images.labels, len(cfg.data.classes))
+
+    async def main(self) -> None:
+        if self.config.training.threads:
+            torch.set_num_threads(self.config.training.threads)
+        await self.set_state("loading")
+        self.data = await self._load_data()
+        await self.set_state("idle")
+
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self._finished:
+                await self.set_state("idle")
+                if self.exit_when_done:
+                    log.info("run %s is done; exiting", self.run_id)
+                    return
+                continue
+            order = self.order
+            if order is None:
+                continue
+            if order.announce in self.answered_announce:
+                continue
+            if order.key in self.answers:
+                log.info("aggregator asked again for round %d %s; resending",
+                         order.round, order.phase)
+                await self._send(self.answers[order.key])
+                self.answered_announce.add(order.announce)
+                continue
+            if order.strategy != "balls" and order.model_digest not in self.models:
+                continue  # woken again when the model arrives
+            if self.too_hot:
+                await self.set_state("paused-hot")
+                await self._wait_until_cool()
+                self.wake.set()
+                continue
+            await self._do(order)
+
+    async def _wait_until_cool(self) -> None:
+        while self.too_hot and not self.stopping.is_set():
+            await asyncio.sleep(self.config.health.interval_s)
+
+    async def _do(self, order: Order) -> None:
+        assert self.data is not None
+        self.run_id, self.round = order.run, order.round
+        self.working_key = order.key
+        self.stop_work.clear()
+        await self.set_state(_WORK_STATE.get(order.phase, "training"))
+        log.info("round %d %s: working (%d samples)", order.round, order.phase,
+                 len(self.data.y))
+        model_state = self.models.get(order.model_digest or "")
+        try:
+            body = await asyncio.to_thread(
+                participant_work,
+                order,
+                model_state,
+                self.data,
+                self.node_id,
+                self.state_dir / "cache",
+                self.stop_work,
+            )
+        except GrbflError as exc:
+            log.error("round %d %s failed: %s", order.round, order.phase, exc)
+            await self.set_state("idle")
+            return
+        finally:
+            self.working_key = None
+        if self.stop_work.is_set():
+            await self.set_state("idle")
+            self.wake.set()
+            return
+
+        body.update(
+            run=order.run,
+            round=order.round,
+            phase=order.phase,
+            node=self.node_id,
+            update_id=uuid.uuid4().hex,
+            strategy=order.strategy,
+        )
+        body["timings"]["download_s"] = self.model_arrival.get(
+            order.model_digest or "", 0.0
+        )
+        await self.set_state("uploading")
+        encoded = await asyncio.to_thread(wire.encode_cbor, body)
+        parts = wire.split(encoded, self.config.broker.chunk_bytes)
+        self.answers = {order.key: parts}
+        start = time.monotonic()
+        await self._send(parts)
+        self.answered_announce.add(order.announce)
+        log.info(
+            "round %d %s: sent %.1f kB in %.2f s",
+            order.round,
+            order.phase,
+            len(encoded) / 1e3,
+            time.monotonic() - start,
+        )
+        await self.set_state("idle")
+        self.wake.set()
+
+    async def _send(self, parts: list[bytes]) -> None:
+        for part in parts:
+            await self.link.publish(self.topics.updates(self.node_id), part)
+
+
+def describe(body: dict[str, Any]) -> str:
+    """A one-line summary of an update body, for logs."""
+    keys = ", ".join(sorted(body))
+    return f"update with {keys}"

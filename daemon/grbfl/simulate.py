@@ -1,0 +1,511 @@
+"""`grbfl simulate`: a whole federation on one machine, one process per device.
+
+Each device is a real `grbfl run` process with its own config file and state
+folder, talking through a real Mosquitto; the simulator only writes the configs,
+hands out disjoint partitions of the data as file lists, watches the broker to
+show progress, and collects the aggregator's metrics at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from .broker import PrivateBroker
+from .config import dump_toml
+from .data import discover_classes, export_digits, list_images, partition
+from .errors import GrbflError
+from .topics import Topics
+
+log = logging.getLogger(__name__)
+
+FEDERATION = "sim"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grbfl"
+
+
+@dataclass
+class SimOptions:
+    data: Path | None = None
+    test_data: Path | None = None
+    participants: int = 3
+    rounds: int = 5
+    strategy: str = "grbfl"
+    model: str = "cnn"
+    partition: str = "iid"
+    limit: int = 0
+    json_path: Path | None = None
+    broker: str | None = None
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    n_clusters: int = 100
+    variance_threshold: float = 0.03
+    min_size: int = 5
+    server_samples: int = 20_000
+    server_epochs: int = 5
+    deadline_s: float = 1800.0
+    seed: int = 0
+    workdir: Path | None = None
+    keep: bool = False
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data(opts: SimOptions) -> tuple[Path, Path]:
+    """The training and test folders; the bundled digits when none is given."""
+    if opts.data is None:
+        if opts.test_data is not None:
+            raise GrbflError("--test-data needs --data as well")
+        return export_digits(DEFAULT_CACHE / "digits")
+    if opts.test_data is None:
+        raise GrbflError(f"--data {opts.data} needs --test-data (a held-out folder)")
+    for flag, path in (("--data", opts.data), ("--test-data", opts.test_data)):
+        if not path.is_dir():
+            raise GrbflError(f"{flag} {path}: no such folder")
+    return opts.data, opts.test_data
+
+
+def _subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most `limit` indices, drawn without bias towards any class."""
+    if not limit or limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(len(labels))[:limit])
+
+
+def node_config(
+    opts: SimOptions,
+    *,
+    role: str,
+    node: str,
+    host: str,
+    port: int,
+    data_dir: Path,
+    classes: tuple[str, ...],
+    state_dir: Path,
+    files_list: Path | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """The TOML document for one simulated device."""
+    data: dict[str, Any] = {"dir": str(data_dir), "classes": list(classes)}
+    if files_list is not None:
+        data["files_list"] = str(files_list)
+    return {
+        "node": {"role": role, "id": node, "federation": FEDERATION},
+        "broker": {"host": host, "port": port, "keepalive": 30},
+        "data": data,
+        "model": {"name": opts.model, "seed": opts.seed},
+        "training": {
+            "local_epochs": opts.local_epochs,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "threads": threads,
+        },
+        "rounds": {
+            "rounds": opts.rounds,
+            "deadline_s": opts.deadline_s,
+            "min_participants": opts.participants,
+        },
+        "strategy": {
+            "name": opts.strategy,
+            "n_clusters": opts.n_clusters,
+            "variance_threshold": opts.variance_threshold,
+            "min_size": opts.min_size,
+            "server_samples": opts.server_samples,
+            "server_epochs": opts.server_epochs,
+        },
+        # Simulated devices share one box: no point pausing on its temperature.
+        "health": {"pause_at_c": 150.0, "resume_at_c": 140.0, "interval_s": 30.0},
+        "state": {"dir": str(state_dir)},
+    }
+
+
+@dataclass
+class Federation:
+    """The files and processes of one simulated federation."""
+
+    workdir: Path
+    host: str
+    port: int
+    configs: dict[str, Path]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def log_path(self, node: str) -> Path:
+        return self.workdir / "logs" / f"{node}.log"
+
+    def start(self, node: str) -> subprocess.Popen[bytes]:
+        """Start (or restart) one device's daemon as its own process."""
+        self.log_path(node).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path(node), "ab") as log_file:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "grbfl",
+                    "run",
+                    "--config",
+                    str(self.configs[node]),
+                    "--exit-when-done",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes[node] = proc
+        return proc
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def log_tail(self, node: str, lines: int = 15) -> str:
+        try:
+            text = self.log_path(node).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def prepare(
+    opts: SimOptions, workdir: Path, host: str, port: int
+) -> tuple[Federation, Path]:
+    """Write partitions and configs; return the federation and aggregator state."""
+    train_dir, test_dir = resolve_data(opts)
+    classes = discover_classes(train_dir)
+    files = list_images(train_dir, classes)
+    if not files:
+        raise GrbflError(f"{train_dir}: no images found in class folders")
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    chosen = _subset(labels, opts.limit, opts.seed)
+    parts = partition(labels[chosen], opts.participants, opts.partition, opts.seed)
+
+    threads = max(1, (os.cpu_count() or 1) // opts.participants)
+    configs: dict[str, Path] = {}
+    agg_state = workdir / "aggregator"
+    configs["aggregator"] = workdir / "aggregator.toml"
+    configs["aggregator"].write_text(
+        dump_toml(
+            node_config(
+                opts,
+                role="aggregator",
+                node="aggregator",
+                host=host,
+                port=port,
+                data_dir=test_dir,
+                classes=classes,
+                state_dir=agg_state,
+            )
+        )
+    )
+    for i, part in enumerate(parts, start=1):
+        node = f"p{i}"
+        listing = workdir / f"{node}.files"
+        listing.write_text("\n".join(files[j][0] for j in chosen[part]) + "\n")
+        configs[node] = workdir / f"{node}.toml"
+        configs[node].write_text(
+            dump_toml(
+                node_config(
+                    opts,
+                    role="participant",
+                    node=node,
+                    host=host,
+                    port=port,
+                    data_dir=train_dir,
+                    classes=classes,
+                    state_dir=workdir / node,
+                    files_list=listing,
+                    threads=threads,
+                )
+            )
+        )
+    return Federation(workdir, host, port, configs), agg_state
+
+
+class Progress:
+    """Prints what the federation is doing, from what it says on the broker."""
+
+    def __init__(self, total_rounds: int, quiet: bool) -> None:
+        self.total = total_rounds
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self.states: dict[str, str] = {}
+        self.last_line = ""
+        self.metrics: list[dict[str, Any]] = []
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
+
+    def on_status(self, node: str, body: dict[str, Any]) -> None:
+        self.states[node] = str(body.get("state"))
+        line = "  ".join(f"{n}:{s}" for n, s in sorted(self.states.items()))
+        if line != self.last_line:
+            self.last_line = line
+            round_ = body.get("round") or 0
+            self.say(f"round {round_}/{self.total}  {line}")
+
+    def on_metrics(self, body: dict[str, Any]) -> None:
+        self.metrics.append(body)
+        self.say(
+            f"round {body.get('round')}/{self.total} done: accuracy "
+            f"{body.get('accuracy', 0):.4f}, {body.get('bytes_up', 0) / 1e6:.2f} MB up, "
+            f"{body.get('seconds', {}).get('round', 0):.1f} s"
+        )
+
+
+async def watch_progress(host: str, port: int, progress: Progress) -> None:
+    topics = Topics(FEDERATION)
+    while True:
+        try:
+            async with aiomqtt.Client(host, port, identifier="grbfl-simulate") as client:
+                await client.subscribe(topics.any_status)
+                await client.subscribe(topics.metrics)
+                async for message in client.messages:
+                    topic = message.topic.value
+                    payload = message.payload
+                    if not isinstance(payload, bytes) or not payload:
+                        continue
+                    try:
+                        body = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if topic == topics.metrics:
+                        progress.on_metrics(body)
+                    else:
+                        node = topics.node_of(topic)
+                        if node:
+                            progress.on_status(node, body)
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.5)
+
+
+async def supervise(fed: Federation, progress: Progress) -> None:
+    """Wait for the aggregator to finish; fail fast if any process dies."""
+    watcher = asyncio.create_task(
+        watch_progress(fed.host, fed.port, progress), name="sim-progress"
+    )
+    try:
+        while True:
+            for node, proc in fed.processes.items():
+                code = proc.poll()
+                if code is None:
+                    continue
+                if node == "aggregator" and code == 0:
+                    return
+                if code != 0:
+                    raise GrbflError(
+                        f"{node} exited with code {code}; last lines of "
+                        f"{fed.log_path(node)}:\n{fed.log_tail(node)}"
+                    )
+            await asyncio.sleep(0.5)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def read_metrics(agg_state: Path) -> list[dict[str, Any]]:
+    path = agg_state / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    # A resumed run may repeat a round it had not checkpointed; keep the last.
+    by_round = {r["round"]: r for r in records}
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def run_federation(opts: SimOptions) -> dict[str, Any]:
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="grbfl-sim-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker: PrivateBroker | None = None
+    started = time.monotonic()
+    progress = Progress(opts.rounds, opts.quiet)
+    fed: Federation | None = None
+    try:
+        if opts.broker:
+            host, _, port_text = opts.broker.rpartition(":")
+            if not host or not port_text.isdigit():
+                raise GrbflError(f"--broker {opts.broker!r}: expected HOST:PORT")
+            port = int(port_text)
+        else:
+            broker = PrivateBroker(workdir / "broker").start()
+            host, port = broker.host, broker.port
+            progress.say(f"private Mosquitto on {host}:{port}")
+        fed, agg_state = prepare(opts, workdir, host, port)
+        progress.say(
+            f"{opts.participants} participants + aggregator, strategy {opts.strategy}, "
+            f"{opts.rounds} rounds; logs in {workdir / 'logs'}"
+        )
+        for node in fed.configs:
+            fed.start(node)
+        asyncio.run(supervise(fed, progress))
+    finally:
+        if fed is not None:
+            fed.stop_all()
+        if broker is not None:
+            broker.stop()
+    records = read_metrics(agg_state)
+    result = summarise(opts, records, time.monotonic() - started)
+    if not opts.keep and opts.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def summarise(
+    opts: SimOptions, records: list[dict[str, Any]], wall_s: float
+) -> dict[str, Any]:
+    rounds = []
+    for r in records:
+        entry = {
+            "round": r["round"],
+            "accuracy": r["accuracy"],
+            "loss": r["loss"],
+            "bytes_up": r.get("bytes_up", 0),
+            "bytes_down": r.get("bytes_down", 0),
+            "seconds": r.get("seconds", {}).get("round", 0.0),
+            "phases": r.get("seconds", {}),
+        }
+        for key in (
+            "balls_sent",
+            "balls_found",
+            "share_kept",
+            "balls_after_merge",
+            "ball_bytes",
+            "merge_s",
+            "n_participants",
+        ):
+            if key in r:
+                entry[key] = r[key]
+        rounds.append(entry)
+    return {
+        "strategy": opts.strategy,
+        "model": opts.model,
+        "participants": opts.participants,
+        "partition": opts.partition,
+        "data": str(opts.data) if opts.data else "sklearn-digits",
+        "limit": opts.limit,
+        "local_epochs": opts.local_epochs,
+        "settings": {
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "n_clusters": opts.n_clusters,
+            "variance_threshold": opts.variance_threshold,
+            "min_size": opts.min_size,
+            "server_samples": opts.server_samples,
+            "server_epochs": opts.server_epochs,
+        },
+        "rounds": rounds,
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "wall_s": wall_s,
+    }
+
+
+def run_centralized(opts: SimOptions) -> dict[str, Any]:
+    """The reference: one model on all the (limited) data, same total epochs."""
+    import torch
+
+    from .data import load_image_folder
+    from .models import build_model
+    from .training import TrainSettings, evaluate, train
+
+    started = time.monotonic()
+    progress = Progress(opts.rounds, opts.quiet)
+    train_dir, test_dir = resolve_data(opts)
+    classes = discover_classes(train_dir)
+    files = list_images(train_dir, classes)
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    chosen = _subset(labels, opts.limit, opts.seed)
+    progress.say(f"loading {len(chosen)} training images")
+    train_set = load_image_folder(
+        train_dir, classes, files=[files[i][0] for i in chosen],
+        cache_dir=DEFAULT_CACHE / "images",
+    )
+    test_set = load_image_folder(test_dir, classes, cache_dir=DEFAULT_CACHE / "images")
+    x, y = train_set.as_float(), train_set.labels
+    tx, ty = test_set.as_float(), test_set.labels
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_model(opts.model, len(classes), seed=opts.seed)
+    records = []
+    for round_ in range(1, opts.rounds + 1):
+        t0 = time.perf_counter()
+        settings = TrainSettings(
+            epochs=opts.local_epochs,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            seed=opts.seed + round_,
+        )
+        stats = train(model, x, y, settings)
+        accuracy, loss = evaluate(model, tx, ty)
+        seconds = time.perf_counter() - t0
+        records.append(
+            {
+                "round": round_,
+                "accuracy": accuracy,
+                "loss": loss,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "seconds": {"round": seconds, "local_training": stats.seconds},
+            }
+        )
+        progress.on_metrics(records[-1])
+    return summarise(opts, records, time.monotonic() - started)
+
+
+def simulate(opts: SimOptions) -> dict[str, Any]:
+    if opts.participants < 1:
+        raise GrbflError("--participants must be at least 1")
+    if opts.rounds < 1:
+        raise GrbflError("--rounds must be at least 1")
+    if opts.strategy == "centralized":
+        return run_centralized(opts)
+    return run_federation(opts)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-round table printed at the end of a simulation."""
+    header = (
+        f"{'round':>5} {'accuracy':>8} {'loss':>7} {'up MB':>8} {'down MB':>8} "
+        f"{'train s':>7} {'clust s':>7} {'xfer s':>6} {'aggr s':>6} {'round s':>7}"
+    )
+    lines = [
+        f"strategy {result['strategy']}, model {result['model']}, "
+        f"{result['participants']} participants, partition {result['partition']}",
+        header,
+    ]
+    for r in result["rounds"]:
+        ph = r.get("phases", {})
+        lines.append(
+            f"{r['round']:>5} {r['accuracy']:>8.4f} {r['loss']:>7.4f} "
+            f"{r['bytes_up'] / 1e6:>8.2f} {r['bytes_down'] / 1e6:>8.2f} "
+            f"{ph.get('local_training', 0):>7.1f} {ph.get('clustering', 0):>7.1f} "
+            f"{ph.get('transfer', 0):>6.1f} {ph.get('aggregation', 0):>6.1f} "
+            f"{r['seconds']:>7.1f}"
+        )
+    if result["final_accuracy"] is not None:
+        lines.append(
+            f"final accuracy {result['final_accuracy']:.4f} "
+            f"in {result['wall_s']:.0f} s wall time"
+        )
+    return "\n".join(lines)

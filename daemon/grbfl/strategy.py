@@ -1,0 +1,380 @@
+"""The strategies of DESIGN.md section 4: what a participant computes in each
+phase of a round, and what the aggregator does with the answers.
+
+=========  ===============  ======================================================
+strategy   phases           leaves a participant
+=========  ===============  ======================================================
+fedavg     train            all model weights + sample count
+grbfl      train, embed     feature-extractor weights; then balls of embeddings
+balls      balls            balls in pixel space only (computed once, reused)
+=========  ===============  ======================================================
+
+Everything here is synchronous and heavy; the daemons call it in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from . import wire
+from .aggregate import weighted_average
+from .balls import BallSet, BallSettings, ball_bytes, build_balls, merge_balls, sample_balls
+from .errors import WireError
+from .models import build_model, head_keys
+from .training import TrainSettings, embed, evaluate, train, train_head
+from .weights import load_numpy_state, state_to_numpy
+
+log = logging.getLogger(__name__)
+
+PHASES: dict[str, tuple[str, ...]] = {
+    "fedavg": ("train",),
+    "grbfl": ("train", "embed"),
+    "balls": ("balls",),
+}
+
+
+@dataclass(frozen=True)
+class Order:
+    """A parsed `run` message: what the aggregator asks for right now."""
+
+    run: str
+    round: int
+    phase: str
+    attempt: int
+    announce: str
+    deadline: float
+    strategy: str
+    settings: dict[str, Any]
+    model_digest: str | None
+    model_name: str
+    classes: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.run, self.round, self.phase)
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> Order:
+        where = "run message"
+        phase = wire.require(body, "phase", str, where)
+        digest = body.get("model_digest")
+        if digest is not None and not isinstance(digest, str):
+            raise WireError(f"{where}: field 'model_digest' has the wrong type")
+        return cls(
+            run=wire.require(body, "run", str, where),
+            round=wire.require(body, "round", int, where),
+            phase=phase,
+            attempt=wire.require(body, "attempt", int, where),
+            announce=wire.require(body, "announce", str, where),
+            deadline=float(wire.require(body, "deadline", (int, float), where)),
+            strategy=wire.require(body, "strategy", str, where),
+            settings=wire.require(body, "settings", dict, where),
+            model_digest=digest,
+            model_name=wire.require(body, "model", str, where),
+            classes=tuple(wire.require(body, "classes", list, where)),
+        )
+
+
+def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
+    return TrainSettings(
+        epochs=int(settings["local_epochs"]),
+        batch_size=int(settings["batch_size"]),
+        lr=float(settings["lr"]),
+        seed=seed,
+    )
+
+
+def ball_settings(settings: dict[str, Any], seed: int = 0) -> BallSettings:
+    return BallSettings(
+        n_clusters=int(settings["n_clusters"]),
+        variance_threshold=float(settings["variance_threshold"]),
+        min_size=int(settings["min_size"]),
+        seed=seed,
+    )
+
+
+# --- participant side -----------------------------------------------------------
+
+
+@dataclass
+class LocalData:
+    """A participant's images, decoded once: float32 NCHW in [0, 1]."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            h = hashlib.sha256()
+            h.update(self.x.tobytes())
+            h.update(self.y.tobytes())
+            self.digest = h.hexdigest()[:16]
+
+
+def _seed_for(node: str, round_: int, base: int) -> int:
+    digest = hashlib.sha256(f"{base}/{node}/{round_}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def participant_work(
+    order: Order,
+    model_state: dict[str, np.ndarray] | None,
+    data: LocalData,
+    node: str,
+    cache_dir: Path,
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """Do this participant's part of one phase; return the update body."""
+    timings: dict[str, float] = {}
+    body: dict[str, Any] = {"samples": int(len(data.y)), "timings": timings}
+
+    if order.phase == "balls":
+        balls, report, cluster_s = pixel_balls(data, order.settings, cache_dir)
+        timings["cluster_s"] = cluster_s
+        body["balls"] = balls.to_arrays()
+        body["ball_report"] = report
+        return body
+
+    if model_state is None:
+        raise WireError(f"phase {order.phase} needs a model and none arrived")
+    model = build_model(order.model_name, data.num_classes)
+    load_numpy_state(model, model_state)
+
+    if order.phase == "train":
+        settings = train_settings(order.settings, _seed_for(node, order.round, 17))
+        stats = train(model, data.x, data.y, settings, stop=stop)
+        timings["train_s"] = stats.seconds
+        body["train_loss"] = stats.loss
+        exclude = head_keys(model) if order.strategy == "grbfl" else set()
+        body["weights"] = state_to_numpy(model, exclude=exclude)
+        return body
+
+    if order.phase == "embed":
+        start = time.perf_counter()
+        feats = embed(model, data.x)
+        timings["embed_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _, kept, report = build_balls(
+            feats, data.y, data.num_classes, ball_settings(order.settings)
+        )
+        timings["cluster_s"] = time.perf_counter() - start
+        body["balls"] = kept.to_arrays()
+        body["ball_report"] = report.as_dict()
+        return body
+
+    raise WireError(f"unknown phase {order.phase!r}")
+
+
+def pixel_balls(
+    data: LocalData, settings: dict[str, Any], cache_dir: Path
+) -> tuple[BallSet, dict[str, Any], float]:
+    """Pixel-space balls, computed once per data set and settings.
+
+    Clustering the same samples differently every round would reveal more about
+    them than one clustering does, so the result is kept on disk and reused.
+    """
+    bs = ball_settings(settings)
+    key = hashlib.sha256(
+        f"{data.digest}/{bs.n_clusters}/{bs.variance_threshold}/{bs.min_size}/"
+        f"{bs.seed}".encode()
+    ).hexdigest()[:20]
+    path = cache_dir / f"balls-{key}.cbor"
+    if path.exists():
+        try:
+            cached = wire.decode_cbor(path.read_bytes(), limit=1 << 31)
+            balls = BallSet.from_arrays(cached["balls"], owner=0)
+            return balls, cached["report"], 0.0
+        except (WireError, KeyError, TypeError, OSError) as exc:
+            log.warning("ignoring unreadable ball cache %s: %s", path, exc)
+
+    start = time.perf_counter()
+    flat = data.x.reshape(len(data.x), -1)
+    _, kept, report = build_balls(flat, data.y, data.num_classes, bs)
+    seconds = time.perf_counter() - start
+    report_dict = report.as_dict()
+    write_atomic(
+        path, wire.encode_cbor({"balls": kept.to_arrays(), "report": report_dict})
+    )
+    return kept, report_dict, seconds
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --- aggregator side ------------------------------------------------------------
+
+
+@dataclass
+class Contribution:
+    """One validated update of one participant for one phase."""
+
+    node: str
+    samples: int
+    timings: dict[str, float]
+    nbytes: int
+    weights: dict[str, np.ndarray] | None = None
+    balls: BallSet | None = None
+    ball_report: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerStrategy:
+    """The aggregator's half of a strategy; owns the global model."""
+
+    def __init__(
+        self,
+        name: str,
+        model_name: str,
+        num_classes: int,
+        settings: dict[str, Any],
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.phases = PHASES[name]
+        self.settings = settings
+        self.num_classes = num_classes
+        self.model: nn.Module = build_model(model_name, num_classes, seed=seed)
+        self.seed = seed
+        self._head = head_keys(self.model)
+
+    def global_state(self) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.model)
+
+    def expected_weights(self, phase: str) -> dict[str, np.ndarray] | None:
+        if phase != "train":
+            return None
+        exclude = self._head if self.name == "grbfl" else set()
+        return state_to_numpy(self.model, exclude=exclude)
+
+    def ball_dim(self, phase: str) -> int:
+        if phase == "embed":
+            return int(self.model.embedding_dim)  # type: ignore[arg-type]
+        return 3 * 32 * 32
+
+    def validate(
+        self, phase: str, node: str, body: dict[str, Any], owner: int, nbytes: int
+    ) -> Contribution:
+        """Check every field and array of an update before it is used."""
+        where = f"update from {node}"
+        samples = wire.require(body, "samples", int, where)
+        if samples <= 0:
+            raise WireError(f"{where}: samples must be positive")
+        timings_raw = body.get("timings", {})
+        if not isinstance(timings_raw, dict):
+            raise WireError(f"{where}: timings must be a map")
+        timings = {
+            str(k): float(v)
+            for k, v in timings_raw.items()
+            if isinstance(v, int | float) and np.isfinite(v)
+        }
+        contribution = Contribution(node, samples, timings, nbytes)
+
+        reference = self.expected_weights(phase)
+        if reference is not None:
+            contribution.weights = wire.check_state(
+                body.get("weights"), reference, where
+            )
+        elif "weights" in body:
+            raise WireError(f"{where}: phase {phase} carries no weights")
+
+        if phase in ("embed", "balls"):
+            arrays = wire.require(body, "balls", dict, where)
+            balls = BallSet.from_arrays(arrays, owner=owner)
+            if len(balls) and balls.centers.shape[1] != self.ball_dim(phase):
+                raise WireError(
+                    f"{where}: balls have {balls.centers.shape[1]} dimensions, "
+                    f"expected {self.ball_dim(phase)}"
+                )
+            if len(balls) and (
+                balls.labels.min() < 0 or balls.labels.max() >= self.num_classes
+            ):
+                raise WireError(f"{where}: a ball's label is out of range")
+            min_size = int(self.settings["min_size"])
+            if len(balls) and int(balls.sizes.min()) < min_size:
+                raise WireError(f"{where}: a ball has fewer than {min_size} members")
+            contribution.balls = balls
+            report = body.get("ball_report", {})
+            contribution.ball_report = report if isinstance(report, dict) else {}
+        return contribution
+
+    def apply(self, phase: str, round_: int, parts: list[Contribution]) -> dict[str, Any]:
+        """Fold one phase's contributions into the global model; return metrics."""
+        info: dict[str, Any] = {}
+        start = time.perf_counter()
+        if phase == "train":
+            averaged = weighted_average(
+                [p.weights for p in parts if p.weights is not None],
+                [p.samples for p in parts],
+            )
+            load_numpy_state(self.model, averaged)
+            info["aggregate_s"] = time.perf_counter() - start
+            return info
+
+        # Ball phases: merge, then train on synthetic samples from the merged set.
+        sent = BallSet.concat([p.balls for p in parts if p.balls is not None])
+        merged, stats = merge_balls(sent)
+        info.update(
+            balls_sent=int(stats.before),
+            balls_after_merge=int(stats.after),
+            merge_s=stats.seconds,
+            ball_bytes=int(sum(ball_bytes(p.balls) for p in parts if p.balls)),
+        )
+        found = sum(int(p.ball_report.get("found", 0)) for p in parts)
+        kept = sum(int(p.ball_report.get("kept", 0)) for p in parts)
+        info["balls_found"] = found
+        info["share_kept"] = kept / found if found else 0.0
+        info["degenerate_nodes"] = [
+            p.node for p in parts if p.ball_report.get("degenerate")
+        ]
+        if len(merged) == 0:
+            log.warning("round %d: no balls cleared the threshold; model unchanged",
+                        round_)
+            info["aggregate_s"] = time.perf_counter() - start
+            return info
+
+        rng = np.random.default_rng(self.seed * 7919 + round_)
+        n = int(self.settings["server_samples"])
+        epochs = int(self.settings["server_epochs"])
+        settings = TrainSettings(
+            epochs=epochs,
+            batch_size=int(self.settings["batch_size"]),
+            lr=float(self.settings["lr"]),
+            seed=self.seed + round_,
+        )
+        if phase == "embed":
+            feats, labels = sample_balls(merged, n, rng)
+            train_head(self.model, feats, labels, settings)
+        else:
+            flat, labels = sample_balls(merged, n, rng, clip=(0.0, 1.0))
+            images = flat.reshape(-1, 3, 32, 32)
+            train(self.model, images, labels, settings)
+        info["server_train_s"] = time.perf_counter() - start - stats.seconds
+        info["aggregate_s"] = time.perf_counter() - start
+        return info
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        return evaluate(self.model, x, y)
