@@ -58,6 +58,7 @@ class Aggregator(Node):
             "local_epochs": cfg.training.local_epochs,
             "batch_size": cfg.training.batch_size,
             "lr": cfg.training.lr,
+            "augment": cfg.training.augment,
             "n_clusters": cfg.strategy.n_clusters,
             "variance_threshold": cfg.strategy.variance_threshold,
             "min_size": cfg.strategy.min_size,

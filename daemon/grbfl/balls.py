@@ -1,4 +1,4 @@
-"""Granular balls: found on a participant, merged on the aggregator, sampled for training.
+"""Granular balls: found on a participant, merged on the aggregator, sampled from.
 
 A granular ball summarises at least ``min_size`` local samples of one class by their
 count, mean (the centre), per-dimension population variance and radius (the largest
@@ -10,11 +10,11 @@ Finding balls (participant)
 Each class gets a share of ``n_clusters`` proportional to its sample count (largest
 remainder rounding, at least one ball for a non-empty class), capped so that every ball
 could hold ``min_size`` samples and so that there are no more balls than distinct
-samples. Each class is clustered by k-means++ followed by Lloyd iterations (scikit-learn
-``KMeans``, one seeded start per class), which is deterministic for the same data and
-settings. A ball is shared (kept) only when it has at least ``min_size`` members, its mean
-per-dimension variance exceeds ``variance_threshold``, and its float32 centre is not
-bit-for-bit one of its members.
+samples. Each class is clustered by k-means++ followed by Lloyd iterations
+(scikit-learn ``KMeans``, one seeded start per class), which is deterministic for the
+same data and settings. A ball is shared (kept) only when it has at least ``min_size``
+members, its mean per-dimension variance exceeds ``variance_threshold``, and its float32
+centre is not bit-for-bit one of its members.
 
 Merging balls (aggregator)
 --------------------------
@@ -28,10 +28,10 @@ Two balls may merge only when all of these hold:
 * the merged size stays within ``max_merged_size`` when one is given.
 
 Among the partners that qualify, each ball picks its nearest; two balls that pick each
-other merge. Passes repeat on the merged set until a pass merges nothing. The largest-
-member-distance overlap test is deliberately not used: in hundreds of dimensions nearly
-every pair of same-class balls overlaps by it, so it (or chaining overlaps) would collapse
-each class into one ball. A merge changes a spread by at most a factor
+other merge. Passes repeat on the merged set until a pass merges nothing. The
+largest-member-distance overlap test is deliberately not used: in hundreds of dimensions
+nearly every pair of same-class balls overlaps by it, so it (or chaining overlaps) would
+collapse each class into one ball. A merge changes a spread by at most a factor
 ``sqrt(1 + closeness**2 / 4)``, so merged balls stay local.
 
 Merged statistics are exact pooled statistics: sizes add, the centre is the
@@ -50,9 +50,9 @@ merge followed the rule exactly).
 
 Sampling (aggregator)
 ---------------------
-Synthetic points are drawn class-balanced, then proportional to ball size within a class,
-from a Gaussian with the ball's per-dimension variance, pulled back inside the ball's
-radius and optionally clipped.
+Synthetic points are drawn class-balanced, then in proportion to ball size within a
+class, from a Gaussian with the ball's per-dimension variance, pulled back inside the
+ball's radius and optionally clipped.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ _PROJECTION_DIMS = 16
 _KNN_START = 8
 _KNN_MAX = 64
 
-# Candidate pairs whose true distances are computed at once (bounds memory: pairs x dims).
+# Candidate pairs whose true distances are computed at once (memory: pairs x dims).
 _PAIR_CHUNK = 1 << 16
 
 # Rows drawn at once when sampling (bounds the temporary arrays to rows x dims).
@@ -136,8 +136,7 @@ class BallSet:
     def __post_init__(self) -> None:
         count = self.labels.shape[0]
         lengths = {
-            name: getattr(self, name).shape[0]
-            for name in (*_WIRE_FIELDS, "owners")
+            name: getattr(self, name).shape[0] for name in (*_WIRE_FIELDS, "owners")
         }
         if any(length != count for length in lengths.values()):
             raise ValueError(f"ball arrays differ in length: {lengths}")
@@ -242,8 +241,12 @@ class BallSet:
         # Values must make sense as statistics.
         if (sizes <= 0).any():
             raise WireError("balls field 'sizes' holds a size <= 0")
-        if (labels < 0).any() or (num_classes is not None and (labels >= num_classes).any()):
-            raise WireError(f"balls field 'labels' holds a label outside [0, {num_classes})")
+        if (labels < 0).any() or (
+            num_classes is not None and (labels >= num_classes).any()
+        ):
+            raise WireError(
+                f"balls field 'labels' holds a label outside [0, {num_classes})"
+            )
         if (variances < 0).any():
             raise WireError("balls field 'variances' holds a negative variance")
         if (radii < 0).any():
@@ -260,13 +263,15 @@ class BallSet:
 
     @staticmethod
     def concat(sets: list[BallSet]) -> BallSet:
-        """All balls of several sets in one set, in order; empty sets may have any width."""
+        """All balls of several sets in order; empty sets may have any width."""
         filled = [balls for balls in sets if len(balls)]
         if not filled:
             return BallSet.empty(sets[0].dim if sets else 0)
         dims = {balls.dim for balls in filled}
         if len(dims) > 1:
-            raise ValueError(f"cannot concatenate balls of different widths {sorted(dims)}")
+            raise ValueError(
+                f"cannot concatenate balls of different widths {sorted(dims)}"
+            )
         return BallSet(
             labels=np.concatenate([b.labels for b in filled]),
             sizes=np.concatenate([b.sizes for b in filled]),
@@ -360,7 +365,9 @@ def find_balls(
     exposes: list[BoolArray] = []
     for label in np.flatnonzero(wanted):
         members = x[y == label]
-        seed = int(np.random.SeedSequence([settings.seed, int(label)]).generate_state(1)[0])
+        seed = int(
+            np.random.SeedSequence([settings.seed, int(label)]).generate_state(1)[0]
+        )
         assignment = _cluster(members, int(wanted[label]), seed)
         balls, exposed = _ball_stats(members, assignment, int(label))
         parts.append(balls)
@@ -474,7 +481,7 @@ def merge_balls(
     if max_merged_size is not None and max_merged_size < 1:
         raise ValueError(f"max_merged_size must be at least 1, got {max_merged_size}")
     if len(balls) == 0:
-        return balls.subset(slice(None)), MergeStats(0, 0, 0, 0.0)
+        return balls.subset(np.arange(0)), MergeStats(0, 0, 0, 0.0)
     cap = max_merged_size if max_merged_size is not None else np.iinfo(np.int64).max
 
     # Owners become bits so that "no participant in common" is one AND per pair.
@@ -530,9 +537,10 @@ def sample_balls(
     ``balanced=False`` balls are chosen in proportion to size over all classes.
 
     Each point is Gaussian around the ball's centre with the ball's per-dimension
-    variance times ``scale**2``, pulled radially back onto the ball when it falls outside
-    the radius, then clipped to ``clip``. Clipping cannot push a point out of the ball
-    when the centre lies inside the clip range, as it does for balls of clipped data.
+    variance times ``scale**2``, pulled radially back onto the ball when it falls
+    outside the radius, then clipped to ``clip``. Clipping cannot push a point out of
+    the ball when the centre lies inside the clip range, as it does for balls of
+    clipped data.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -551,8 +559,12 @@ def sample_balls(
         picks = []
         for label, count in zip(classes, share, strict=True):
             rows = np.flatnonzero(balls.labels == label)
-            picks.append(rng.choice(rows, size=int(count), p=weights[rows] / weights[rows].sum()))
-        pick = rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+            picks.append(
+                rng.choice(rows, size=int(count), p=weights[rows] / weights[rows].sum())
+            )
+        pick = (
+            rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+        )
     else:
         pick = rng.choice(len(balls), size=n, p=weights / weights.sum())
 
@@ -587,7 +599,9 @@ def _check_samples(
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise DataError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+        raise DataError(
+            f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}"
+        )
     if not np.isfinite(x).all():
         raise DataError("samples hold NaN or infinite values")
     return x, y
@@ -629,7 +643,9 @@ def _ball_stats(
     # that it covers every member of the ball as the receiver sees it.
     sent = centers.astype(np.float32)
     deviation = points - sent.astype(np.float64)[ball_of]
-    radii = np.sqrt(np.maximum.reduceat(np.einsum("ij,ij->i", deviation, deviation), starts))
+    radii = np.sqrt(
+        np.maximum.reduceat(np.einsum("ij,ij->i", deviation, deviation), starts)
+    )
     exposed = np.logical_or.reduceat(
         (members[order] == sent[ball_of]).all(axis=1), starts
     )
@@ -723,7 +739,7 @@ class _MergeGroup:
             + self.squares[second]
             + (n1 * n2 / total)[:, None] * delta * delta
         )
-        # Every member lies within r_i of c_i, and c_i within |c_i - c| of the new centre.
+        # Members lie within r_i of c_i, and c_i within |c_i - c| of the new centre.
         radius = np.maximum(
             self.radii[first] + distance * (n2 / total),
             self.radii[second] + distance * (n1 / total),

@@ -66,6 +66,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        augment=args.augment,
         n_clusters=args.n_clusters,
         variance_threshold=args.variance_threshold,
         min_size=args.min_size,
@@ -107,6 +108,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     for path in plot_results(args.results, args.out):
         print(f"wrote {path}")
+    if args.tensorboard is not None:
+        from .plots import write_tensorboard
+
+        for path in write_tensorboard(args.results, args.tensorboard):
+            print(f"wrote TensorBoard scalars to {path}")
     return 0
 
 
@@ -172,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--local-epochs", type=int, default=1)
     sim.add_argument("--batch-size", type=int, default=64)
     sim.add_argument("--lr", type=float, default=0.05)
+    sim.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                     default=None, help="random crops and flips while training "
+                     "(default: on for --data, off for the bundled digits)")
     sim.add_argument("--n-clusters", type=int, default=100,
                      help="balls a participant aims for (default 100)")
     sim.add_argument("--variance-threshold", type=float, default=0.03)
@@ -216,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG plots from simulate --json results")
     plot.add_argument("results", type=Path, nargs="+")
     plot.add_argument("--out", type=Path, default=Path("results/plots"))
+    plot.add_argument("--tensorboard", type=Path, metavar="LOGDIR",
+                      help="also write TensorBoard scalars here (needs tensorboard)")
     plot.set_defaults(func=_cmd_plot)
     return parser
 

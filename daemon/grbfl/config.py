@@ -68,6 +68,9 @@ class TrainingConfig:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.05
+    # Random crops and mirror images; off for data that is not mirror-symmetric
+    # (digits, text).
+    augment: bool = True
     threads: int = 0
 
 

@@ -34,6 +34,8 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 FEDERATION = "sim"
+# Seconds between progress lines while nothing but participant states change.
+PROGRESS_EVERY_S = 10.0
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grbfl"
 
 
@@ -52,6 +54,8 @@ class SimOptions:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.05
+    # None: on for the user's images, off for the bundled digits (not mirror-safe).
+    augment: bool | None = None
     n_clusters: int = 100
     variance_threshold: float = 0.03
     min_size: int = 5
@@ -67,6 +71,8 @@ class SimOptions:
 
 def resolve_data(opts: SimOptions) -> tuple[Path, Path]:
     """The training and test folders; the bundled digits when none is given."""
+    if opts.augment is None:
+        opts.augment = opts.data is not None
     if opts.data is None:
         if opts.test_data is not None:
             raise GrbflError("--test-data needs --data as well")
@@ -113,6 +119,7 @@ def node_config(
             "local_epochs": opts.local_epochs,
             "batch_size": opts.batch_size,
             "lr": opts.lr,
+            "augment": opts.augment,
             "threads": threads,
         },
         "rounds": {
@@ -252,6 +259,8 @@ class Progress:
         self.start = time.monotonic()
         self.states: dict[str, str] = {}
         self.last_line = ""
+        self.last_print = 0.0
+        self.round = 0
         self.metrics: list[dict[str, Any]] = []
 
     def say(self, text: str) -> None:
@@ -259,12 +268,22 @@ class Progress:
             print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
 
     def on_status(self, node: str, body: dict[str, Any]) -> None:
+        """Print the federation's states when the aggregator moves on, and at most
+        every PROGRESS_EVERY_S seconds otherwise, so long rounds show life without
+        a line per message."""
+        previous = self.states.get(node)
         self.states[node] = str(body.get("state"))
+        if node == "aggregator":
+            self.round = int(body.get("round") or 0)
         line = "  ".join(f"{n}:{s}" for n, s in sorted(self.states.items()))
-        if line != self.last_line:
+        now = time.monotonic()
+        aggregator_moved = node == "aggregator" and previous != self.states[node]
+        if line != self.last_line and (
+            aggregator_moved or now - self.last_print >= PROGRESS_EVERY_S
+        ):
             self.last_line = line
-            round_ = body.get("round") or 0
-            self.say(f"round {round_}/{self.total}  {line}")
+            self.last_print = now
+            self.say(f"round {self.round}/{self.total}  {line}")
 
     def on_metrics(self, body: dict[str, Any]) -> None:
         self.metrics.append(body)
@@ -454,6 +473,7 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
             epochs=opts.local_epochs,
             batch_size=opts.batch_size,
             lr=opts.lr,
+            augment=bool(opts.augment),
             seed=opts.seed + round_,
         )
         stats = train(model, x, y, settings)

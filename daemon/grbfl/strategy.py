@@ -90,6 +90,7 @@ def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
         epochs=int(settings["local_epochs"]),
         batch_size=int(settings["batch_size"]),
         lr=float(settings["lr"]),
+        augment=bool(settings.get("augment", True)),
         seed=seed,
     )
 
@@ -363,6 +364,7 @@ class ServerStrategy:
             epochs=epochs,
             batch_size=int(self.settings["batch_size"]),
             lr=float(self.settings["lr"]),
+            augment=bool(self.settings.get("augment", True)),
             seed=self.seed + round_,
         )
         if phase == "embed":

@@ -1,0 +1,216 @@
+"""Whole federations: real daemon processes through a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from grbfl import wire
+from grbfl.broker import PrivateBroker
+from grbfl.data import discover_classes, load_image_folder
+from grbfl.simulate import FEDERATION, SimOptions, prepare, read_metrics, run_federation
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+class Recorder:
+    """Subscribes to grbfl/# and keeps every message, like mosquitto_sub -v."""
+
+    def __init__(self, broker: PrivateBroker) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "test-recorder")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe("grbfl/#", qos=1)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def json_on(self, suffix: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                json.loads(p) for t, p, _ in self.messages if t.endswith(suffix) and p
+            ]
+
+    def updates(self) -> dict[str, list[dict[str, Any]]]:
+        """Reassembled, decoded update bodies per participant."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        assemblers: dict[str, wire.Reassembler] = {}
+        with self.lock:
+            messages = list(self.messages)
+        for topic, payload, _ in messages:
+            parts = topic.split("/")
+            if parts[2] != "updates":
+                continue
+            node = parts[3]
+            assembler = assemblers.setdefault(node, wire.Reassembler(1 << 30, 64))
+            done = assembler.add(payload)
+            if done is not None:
+                body = wire.decode_cbor(done[1], limit=1 << 30)
+                out.setdefault(node, []).append(body)
+        return out
+
+
+def small_options(tmp_path: Path, broker: PrivateBroker, **overrides: Any) -> SimOptions:
+    opts = SimOptions(
+        participants=3,
+        rounds=3,
+        strategy="fedavg",
+        broker=f"{broker.host}:{broker.port}",
+        workdir=tmp_path / "sim",
+        quiet=True,
+        deadline_s=300,
+    )
+    for key, value in overrides.items():
+        setattr(opts, key, value)
+    return opts
+
+
+def test_fedavg_trains_on_digits_and_no_image_leaves_a_participant(
+    tmp_path: Path, broker: PrivateBroker, digits_dirs: tuple[Path, Path]
+) -> None:
+    """A 3-participant FedAvg run learns, and every participant message is checked
+    for raw images and per-sample arrays."""
+    recorder = Recorder(broker)
+    train_dir, test_dir = digits_dirs
+    opts = small_options(tmp_path, broker, data=train_dir, test_data=test_dir)
+    try:
+        result = run_federation(opts)
+    finally:
+        recorder.stop()
+
+    # It learned, round by round, with all three participants.
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
+    assert result["final_accuracy"] > 0.8
+    metrics = recorder.json_on("/metrics")
+    assert [m["n_participants"] for m in metrics] == [3, 3, 3]
+    assert all(m["bytes_up"] > 0 and m["bytes_down"] > 0 for m in metrics)
+
+    # What left the participants: weights only, nothing shaped like the data.
+    images = load_image_folder(train_dir, discover_classes(train_dir))
+    pixel_rows = {bytes(img) for img in images.images}
+    float_rows = {img.tobytes() for img in images.as_float()}
+    updates = recorder.updates()
+    assert set(updates) == {"p1", "p2", "p3"}
+    for node, bodies in updates.items():
+        for body in bodies:
+            samples = body["samples"]
+            assert set(body["weights"]) and "balls" not in body
+            for path, array in wire.iter_arrays(body):
+                assert path.startswith("/weights/"), f"{node} sent array {path}"
+                assert samples not in array.shape, f"{node}: per-sample {path}"
+                assert array.shape[-3:] != (3, 32, 32), f"{node}: image-shaped {path}"
+                raw = array.tobytes()
+                assert raw not in pixel_rows and raw not in float_rows
+    # Participants published only under their own node's topics.
+    for topic, _, _ in recorder.messages:
+        parts = topic.split("/")
+        if parts[2] in ("run", "model", "metrics"):
+            continue
+        assert parts[3] in {"p1", "p2", "p3", "aggregator"}
+
+
+def test_aggregator_killed_between_rounds_resumes_the_same_run(
+    tmp_path: Path, broker: PrivateBroker, digits_dirs: tuple[Path, Path]
+) -> None:
+    """SIGKILL the aggregator right after round 1 is published; a fresh process
+    resumes at round 2 with the same run id and the federation finishes."""
+    recorder = Recorder(broker)
+    train_dir, test_dir = digits_dirs
+    opts = small_options(tmp_path, broker, data=train_dir, test_data=test_dir)
+    workdir = tmp_path / "sim"
+    workdir.mkdir()
+    fed, agg_state = prepare(opts, workdir, broker.host, broker.port)
+    try:
+        for node in fed.configs:
+            fed.start(node)
+
+        # Wait for round 1's metrics, then kill the aggregator without warning.
+        deadline = time.monotonic() + 240
+        while not recorder.json_on("/metrics"):
+            assert time.monotonic() < deadline, fed.log_tail("aggregator")
+            assert fed.processes["aggregator"].poll() is None, fed.log_tail("aggregator")
+            time.sleep(0.2)
+        first_run = recorder.json_on("/metrics")[0]["run"]
+        fed.processes["aggregator"].send_signal(signal.SIGKILL)
+        fed.processes["aggregator"].wait()
+        assert recorder.json_on("/nodes/aggregator/status")[-1]["state"] == "offline"
+
+        fed.start("aggregator")
+        assert fed.processes["aggregator"].wait(timeout=240) == 0, fed.log_tail(
+            "aggregator"
+        )
+    finally:
+        fed.stop_all()
+        recorder.stop()
+
+    records = read_metrics(agg_state)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert {r["run"] for r in records} == {first_run}
+    assert "resuming run " + first_run in fed.log_path("aggregator").read_text()
+    runs = recorder.json_on(f"{FEDERATION}/run")
+    assert runs[-1]["phase"] == "done" and runs[-1]["run"] == first_run
+
+
+def test_balls_strategy_sends_no_weights_and_only_valid_balls(
+    tmp_path: Path, broker: PrivateBroker, digits_dirs: tuple[Path, Path]
+) -> None:
+    """In `balls`, participants publish granular balls only: no weights, each ball
+    has at least min_size members and no center equals a training sample."""
+    recorder = Recorder(broker)
+    train_dir, test_dir = digits_dirs
+    opts = small_options(
+        tmp_path,
+        broker,
+        data=train_dir,
+        test_data=test_dir,
+        strategy="balls",
+        rounds=2,
+        n_clusters=60,
+        min_size=5,
+        variance_threshold=0.0,
+        server_samples=3000,
+        server_epochs=3,
+    )
+    try:
+        result = run_federation(opts)
+    finally:
+        recorder.stop()
+
+    assert result["final_accuracy"] > 0.3
+    images = load_image_folder(train_dir, discover_classes(train_dir))
+    flat = images.as_float().reshape(len(images), -1)
+    updates = recorder.updates()
+    assert set(updates) == {"p1", "p2", "p3"}
+    for node, bodies in updates.items():
+        for body in bodies:
+            assert "weights" not in body
+            paths = [p for p, _ in wire.iter_arrays(body)]
+            assert all(p.startswith("/balls/") for p in paths), paths
+            balls = body["balls"]
+            assert len(balls["sizes"]) > 0
+            assert balls["sizes"].min() >= 5, node
+            # Distance from every shared center to its nearest training sample.
+            centers = balls["centers"].astype(np.float64)
+            d2 = (
+                (centers**2).sum(1)[:, None]
+                - 2 * centers @ flat.T.astype(np.float64)
+                + (flat.astype(np.float64) ** 2).sum(1)[None, :]
+            )
+            assert d2.min() > 1e-6, f"{node} shared a center equal to a sample"
