@@ -167,3 +167,15 @@ def test_feed_watchdog_returns_at_once_without_a_watchdog(notify_socket):
     notifier = Notifier({"NOTIFY_SOCKET": path})
 
     asyncio.run(asyncio.wait_for(notifier.feed_watchdog(), timeout=1.0))
+
+
+def test_systemd_python_delivers_through_the_same_socket(notify_socket, monkeypatch):
+    """With the [systemd] extra installed, the library path reaches the socket too."""
+    pytest.importorskip("systemd.daemon", reason="the optional [systemd] extra")
+    path, sock = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    notifier = Notifier()
+
+    notifier.ready("via libsystemd")
+
+    assert receive_all(sock) == ["READY=1\nSTATUS=via libsystemd"]

@@ -64,7 +64,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
 
 from grbfl.errors import DataError, WireError
@@ -85,15 +84,28 @@ DEGENERATE_TOP_SHARE = 0.1
 DEGENERATE_SAMPLE_SHARE = 0.5
 DEGENERATE_MIN_BALLS = 10
 
-# Candidate search for merging: principal directions kept for the lower-bound space (a
-# k-d tree stays efficient up to about this many dimensions), and the number of
-# projected neighbours tried first and at most per ball.
+# Candidate search for merging. Centres are projected onto this many principal
+# directions (plus the norm of the rest) to form cells; cells of about _CELL_SIZE balls
+# keep each block of exact distances small, and probing a cell's _CELL_PROBES nearest
+# cells catches partners across cell borders. _CELL_STEPS Lloyd steps are enough for
+# cells whose only job is locality.
 _PROJECTION_DIMS = 16
-_KNN_START = 8
-_KNN_MAX = 64
+_CELL_SIZE = 256
+_CELL_PROBES = 4
+_CELL_STEPS = 4
 
-# Candidate pairs whose true distances are computed at once (memory: pairs x dims).
-_PAIR_CHUNK = 1 << 16
+# A pass keeps each ball's nearest qualifying partners, of which the greedy matching
+# rarely needs more than a few; its rounds stop after _MATCH_ROUNDS (rest next pass).
+_EDGES_PER_BALL = 8
+_MATCH_ROUNDS = 16
+
+# Passes stop here even if balls could still merge: halving per pass, 32 passes would
+# merge the copies of one region from billions of participants.
+_MAX_PASSES = 32
+
+# Slack on the lower bound against float rounding, relative to the spread of the
+# points, far below any distance that matters.
+_BOUND_SLACK = 1e-6
 
 # Rows drawn at once when sampling (bounds the temporary arrays to rows x dims).
 _SAMPLE_CHUNK = 8192
@@ -698,17 +710,17 @@ class _MergeGroup:
         self.passes = 0
         self.unverified = 0
         self._basis, self._origin = _principal_basis(self.centers)
+        self._cells = _cell_centres(self._lower_bound_points())
 
     def run(self, closeness: float, cap: int) -> None:
-        """Merge mutual nearest qualifying partners until a pass merges nothing."""
-        while len(self.sizes) > 1:
+        """Merge greedily matched qualifying pairs until a pass merges nothing."""
+        while len(self.sizes) > 1 and self.passes < _MAX_PASSES:
             spread = np.sqrt(self.squares.sum(axis=1) / self.sizes)
-            partner = self._nearest_partner(closeness * spread, cap)
-            index = np.arange(len(partner))
-            mutual = (partner > index) & (partner[np.maximum(partner, 0)] == index)
-            if not mutual.any():
+            src, dst, dist = self._qualifying_edges(closeness * spread, cap)
+            first, second = _greedy_pairs(src, dst, dist, len(self.sizes))
+            if not first.shape[0]:
                 return
-            self._merge(index[mutual], partner[mutual])
+            self._merge(first, second)
             self.passes += 1
 
     def result(self, label: int) -> BallSet:
@@ -760,54 +772,81 @@ class _MergeGroup:
         self.bits = self.bits[keep]
         self.owners = self.owners[keep]
 
-    def _nearest_partner(self, limit: np.ndarray, cap: int) -> IntArray:
-        """Each ball's nearest qualifying partner, or -1 when it has none."""
+    def _qualifying_edges(
+        self, limit: np.ndarray, cap: int
+    ) -> tuple[IntArray, IntArray, FloatArray]:
+        """Up to ``_EDGES_PER_BALL`` nearest qualifying partners of every ball.
+
+        Distances are exact, but only partners in the cells probed for the ball's own
+        cell are looked at; balls for which the lower bound cannot rule out a nearer
+        qualifying partner elsewhere are counted in ``unverified``.
+        """
         count = len(self.sizes)
         points = self._lower_bound_points()
-        tree = cKDTree(points)
-        centers = self.centers.astype(np.float32)
 
-        # Ask for more projected neighbours only for balls that cannot yet prove they
-        # have seen every partner closer than their limit. Rounding in the bound is
-        # absorbed by a tolerance far below any distance that matters.
-        tolerance = 1e-6 * float(np.abs(points).max()) + 1e-12
+        # Put every ball in the cell of its nearest cell centre; a cell reaches as far
+        # as its farthest member.
+        to_cell = np.sqrt(_squared_distances(points, self._cells))
+        cell_of = to_cell.argmin(axis=1)
+        reach = np.zeros(self._cells.shape[0])
+        np.maximum.at(reach, cell_of, to_cell[np.arange(count), cell_of])
+        order = np.argsort(cell_of, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(cell_of, minlength=len(reach))))
+        probes = np.argsort(
+            _squared_distances(self._cells, self._cells), axis=1, kind="stable"
+        )[:, :_CELL_PROBES]
+
+        # Exact distances, one matrix product per cell against its probed cells.
+        # Centring first keeps the float32 dot-product form accurate.
+        centers = (self.centers - self._origin).astype(np.float32)
+        norms = np.einsum("ij,ij->i", centers, centers)
+        nearest = np.full(count, np.inf)
         edges: list[tuple[IntArray, IntArray, FloatArray]] = []
-        todo = np.arange(count)
-        neighbours = _KNN_START
-        while todo.shape[0]:
-            k = min(neighbours + 1, count)  # one of them is the ball itself
-            bound, found = tree.query(points[todo], k=k, workers=-1)
-            src = np.repeat(todo, k)
-            dst = found.reshape(-1).astype(np.int64)
-            edges.append((src, dst, _pair_distances(centers, src, dst)))
-            proven = (k == count) | (bound[:, -1] >= limit[todo] + tolerance)
-            if k == count or neighbours >= _KNN_MAX:
-                self.unverified += int((~proven).sum())
-                break
-            todo = todo[~proven]
-            neighbours *= 2
+        for cell, rows in enumerate(members[: len(reach)]):
+            if not rows.shape[0]:
+                continue
+            cols = np.concatenate([members[probe] for probe in probes[cell]])
+            squared = norms[rows, None] + norms[None, cols]
+            squared -= 2 * (centers[rows] @ centers[cols].T)
+            dist = np.sqrt(np.maximum(squared, 0))
+            ok = dist < np.minimum(limit[rows, None], limit[None, cols])
+            ok &= rows[:, None] != cols[None, :]
+            ok &= self.sizes[rows, None] + self.sizes[None, cols] <= cap
+            for word in range(self.bits.shape[1]):
+                ok &= (self.bits[rows, None, word] & self.bits[None, cols, word]) == 0
+            dist = np.where(ok, dist, np.inf)
+            nearest[rows] = dist.min(axis=1)
 
-        # Both directions of every measured pair, then keep the ones that qualify.
-        src = np.concatenate([e[0] for e in edges] + [e[1] for e in edges])
-        dst = np.concatenate([e[1] for e in edges] + [e[0] for e in edges])
-        dist = np.concatenate([e[2] for e in edges] * 2)
-        ok = (
-            (src != dst)
-            & (dist < np.minimum(limit[src], limit[dst]))
-            & ~(self.bits[src] & self.bits[dst]).any(axis=1)
-            & (self.sizes[src] + self.sizes[dst] <= cap)
+            # Keep the nearest few per row; the matching needs no more.
+            if cols.shape[0] > _EDGES_PER_BALL:
+                pick = np.argpartition(dist, _EDGES_PER_BALL - 1, axis=1)
+                pick = pick[:, :_EDGES_PER_BALL]
+            else:
+                pick = np.broadcast_to(np.arange(cols.shape[0]), dist.shape)
+            picked = np.take_along_axis(dist, pick, axis=1)
+            row, slot = np.nonzero(np.isfinite(picked))
+            edges.append(
+                (rows[row], cols[pick[row, slot]], picked[row, slot].astype(np.float32))
+            )
+
+        # A ball is verified when no unprobed cell can hold a partner nearer than the
+        # one found (or within its limit, if none was found).
+        probed = np.zeros((len(reach), len(reach)), np.bool_)
+        np.put_along_axis(probed, probes, True, axis=1)
+        bound = np.where(probed[cell_of], np.inf, to_cell - reach[None, :])
+        slack = _BOUND_SLACK * float(np.abs(points).max(initial=0.0))
+        self.unverified += int(
+            (bound.min(axis=1) < np.minimum(limit, nearest) - slack).sum()
         )
-        src, dst, dist = src[ok], dst[ok], dist[ok]
 
-        # Nearest per ball, ties broken by the partner's position for determinism.
-        partner = np.full(count, -1, np.int64)
-        if src.shape[0]:
-            order = np.lexsort((dst, dist, src))
-            src, dst = src[order], dst[order]
-            first = np.ones(src.shape[0], np.bool_)
-            first[1:] = src[1:] != src[:-1]
-            partner[src[first]] = dst[first]
-        return partner
+        if not edges:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, np.zeros(0, np.float32)
+        return (
+            np.concatenate([e[0] for e in edges]),
+            np.concatenate([e[1] for e in edges]),
+            np.concatenate([e[2] for e in edges]),
+        )
 
     def _lower_bound_points(self) -> np.ndarray:
         """Points whose pairwise distances never exceed those of the centres.
@@ -822,6 +861,71 @@ class _MergeGroup:
             "ij,ij->i", projected, projected
         )
         return np.hstack([projected, np.sqrt(np.maximum(rest, 0.0))[:, None]])
+
+
+def _greedy_pairs(
+    src: IntArray, dst: IntArray, dist: FloatArray, count: int
+) -> tuple[IntArray, IntArray]:
+    """Pair balls that are each other's nearest partner among the still unpaired.
+
+    Run to the end this is the greedy matching (closest pair first); it stops after
+    ``_MATCH_ROUNDS`` rounds, leaving the rest to the next pass.
+    """
+    # Both directions of every edge, sorted once by distance (ties by partner).
+    u = np.concatenate([src, dst])
+    v = np.concatenate([dst, src])
+    d = np.concatenate([dist, dist])
+    order = np.lexsort((v, d))
+    u, v = u[order], v[order]
+
+    paired = np.zeros(count, np.bool_)
+    index = np.arange(count)
+    firsts: list[IntArray] = []
+    seconds: list[IntArray] = []
+    for _ in range(_MATCH_ROUNDS):
+        live = ~paired[u] & ~paired[v]
+        u, v = u[live], v[live]
+        if not u.shape[0]:
+            break
+        # The first edge of a ball in distance order goes to its nearest partner.
+        head = np.full(count, u.shape[0])
+        np.minimum.at(head, u, np.arange(u.shape[0]))
+        best = np.where(head < u.shape[0], v[np.minimum(head, u.shape[0] - 1)], -1)
+        mutual = (best > index) & (best[np.maximum(best, 0)] == index)
+        first = index[mutual]
+        second = best[first]
+        paired[first] = True
+        paired[second] = True
+        firsts.append(first)
+        seconds.append(second)
+    if not firsts:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    squared = (
+        (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2 * (a @ b.T)
+    )
+    return np.maximum(squared, 0.0)
+
+
+def _cell_centres(points: np.ndarray) -> np.ndarray:
+    """Centres of about ``len / _CELL_SIZE`` cells: a few seeded Lloyd steps."""
+    cells = max(1, math.ceil(points.shape[0] / _CELL_SIZE))
+    if cells == 1:
+        return points.mean(axis=0, keepdims=True)
+    rng = np.random.default_rng(0)
+    centres = points[rng.choice(points.shape[0], size=cells, replace=False)]
+    for _ in range(_CELL_STEPS):
+        nearest = _squared_distances(points, centres).argmin(axis=1)
+        counts = np.bincount(nearest, minlength=cells)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, nearest, points)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
 
 
 def _principal_basis(centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -841,16 +945,6 @@ def _principal_basis(centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         basis, _ = np.linalg.qr(shifted @ basis)
     basis, _ = np.linalg.qr(shifted.T @ basis)
     return basis, origin
-
-
-def _pair_distances(centers: FloatArray, src: IntArray, dst: IntArray) -> FloatArray:
-    """Euclidean distances between listed pairs of centres, in chunks."""
-    out = np.empty(src.shape[0], np.float32)
-    for start in range(0, src.shape[0], _PAIR_CHUNK):
-        stop = start + _PAIR_CHUNK
-        delta = centers[src[start:stop]] - centers[dst[start:stop]]
-        out[start:stop] = np.sqrt(np.einsum("ij,ij->i", delta, delta))
-    return out
 
 
 # -- wire ----------------------------------------------------------------------------

@@ -9,12 +9,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import GrbflError
+from .errors import ConfigError, GrbflError
 
 log = logging.getLogger("grbfl")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# sysexits' EX_CONFIG: the unit file tells systemd not to restart on it, since a
+# broken config stays broken until an operator fixes it.
+EXIT_CONFIG = 78
 EXIT_INTERRUPTED = 130
 
 
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return int(args.func(args))
+    except ConfigError as exc:
+        print(f"grbfl: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except GrbflError as exc:
         print(f"grbfl: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -43,12 +43,14 @@ class Notifier:
     ) -> None:
         env = os.environ if environ is None else environ
         self._env = env
-        self._address = _socket_address(env.get("NOTIFY_SOCKET", ""))
-        self.enabled: bool = self._address is not None
+        self._address: str | bytes | None = None
         self._send: Callable[[str], bool]
         if _sd_daemon is not None and use_library and environ is None:
+            self.enabled: bool = bool(env.get("NOTIFY_SOCKET"))
             self._send = _library_send
         else:
+            self._address = _socket_address(env.get("NOTIFY_SOCKET", ""))
+            self.enabled = self._address is not None
             self._send = self._datagram_send
         self._sock: socket.socket | None = None
         self._warned = False
@@ -158,7 +160,7 @@ def _socket_address(value: str) -> str | bytes | None:
     """Turn ``$NOTIFY_SOCKET`` into a socket address, or None when unusable.
 
     A leading '@' names a socket in the abstract namespace, whose address starts with a
-    NUL byte. Other schemes (vsock, used by systemd in VMs) are not supported.
+    NUL byte. Other schemes (vsock, used by systemd in VMs) need systemd-python.
     """
     if value.startswith("@") and len(value) > 1:
         return b"\0" + value[1:].encode("utf-8")
