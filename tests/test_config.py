@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from grbfl.config import ConfigError, config_from_dict, config_to_dict, dump_toml, load_config
+from grbfl.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_toml,
+    load_config,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -39,12 +45,16 @@ def test_shipped_examples_are_valid(path: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_named_with_its_section_and_the_allowed_keys() -> None:
-    with pytest.raises(ConfigError, match=r"f\.toml: unknown key training\.epochz.*local_epochs"):
+    with pytest.raises(
+        ConfigError, match=r"f\.toml: unknown key training\.epochz.*local_epochs"
+    ):
         config_from_dict(minimal(training={"epochz": 3}), source="f.toml")
 
 
 def test_wrong_role_lists_the_allowed_roles() -> None:
-    with pytest.raises(ConfigError, match="node.role = 'server'.*aggregator, participant"):
+    with pytest.raises(
+        ConfigError, match="node.role = 'server'.*aggregator, participant"
+    ):
         config_from_dict(minimal(node={"role": "server"}))
 
 

@@ -67,7 +67,9 @@ class Recorder:
         return out
 
 
-def small_options(tmp_path: Path, broker: PrivateBroker, **overrides: Any) -> SimOptions:
+def small_options(
+    tmp_path: Path, broker: PrivateBroker, **overrides: Any
+) -> SimOptions:
     opts = SimOptions(
         participants=3,
         rounds=3,
@@ -145,7 +147,9 @@ def test_aggregator_killed_between_rounds_resumes_the_same_run(
         deadline = time.monotonic() + 240
         while not recorder.json_on("/metrics"):
             assert time.monotonic() < deadline, fed.log_tail("aggregator")
-            assert fed.processes["aggregator"].poll() is None, fed.log_tail("aggregator")
+            assert fed.processes["aggregator"].poll() is None, fed.log_tail(
+                "aggregator"
+            )
             time.sleep(0.2)
         first_run = recorder.json_on("/metrics")[0]["run"]
         fed.processes["aggregator"].send_signal(signal.SIGKILL)

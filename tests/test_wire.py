@@ -13,7 +13,8 @@ from grbfl.errors import WireError
 
 
 @pytest.mark.parametrize(
-    "dtype", ["uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+    "dtype",
+    ["uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"],
 )
 def test_arrays_come_back_with_the_same_dtype_shape_and_values(dtype: str) -> None:
     rng = np.random.default_rng(0)
@@ -112,7 +113,10 @@ def test_a_transfer_announcing_more_than_the_limit_is_refused() -> None:
 
 def test_state_check_names_the_bad_weight() -> None:
     reference = {"w": np.zeros((2, 2), np.float32), "n": np.zeros((), np.int64)}
-    bad = {"w": np.array([[0, np.nan], [0, 0]], np.float32), "n": np.zeros((), np.int64)}
+    bad = {
+        "w": np.array([[0, np.nan], [0, 0]], np.float32),
+        "n": np.zeros((), np.int64),
+    }
     with pytest.raises(WireError, match="'w' holds NaN"):
         wire.check_state(bad, reference, "update from p1")
     wrong_shape = {"w": np.zeros((3, 2), np.float32), "n": np.zeros((), np.int64)}

@@ -129,9 +129,14 @@ class Aggregator(Node):
         wire.require(body, "update_id", str, where)
         if claimed != node:
             raise WireError(f"{where}: claims to be from {claimed!r}")
-        if col is None or run != self.run_id or (round_, phase) != (
-            col.round,
-            col.phase,
+        if (
+            col is None
+            or run != self.run_id
+            or (round_, phase)
+            != (
+                col.round,
+                col.phase,
+            )
         ):
             log.debug("ignoring %s for run %s round %d %s", where, run, round_, phase)
             return
@@ -323,9 +328,8 @@ class Aggregator(Node):
     async def main(self) -> None:
         cfg = self.config
         await self.set_state("loading")
-        data = await asyncio.to_thread(
-            load_image_folder, cfg.data.dir, self.classes  # type: ignore[arg-type]
-        )
+        assert cfg.data.dir is not None  # the config check requires it
+        data = await asyncio.to_thread(load_image_folder, cfg.data.dir, self.classes)
         self.test_x, self.test_y = data.as_float(), data.labels
         log.info("test set: %d images of %d classes", len(data), len(self.classes))
         done = await asyncio.to_thread(self._load_checkpoint)
@@ -374,13 +378,15 @@ class Aggregator(Node):
                 (p.timings.get("train_s", 0.0) for p in parts), default=0.0
             )
             phase_seconds["clustering"] += max(
-                (p.timings.get("cluster_s", 0.0) + p.timings.get("embed_s", 0.0)
-                 for p in parts),
+                (
+                    p.timings.get("cluster_s", 0.0) + p.timings.get("embed_s", 0.0)
+                    for p in parts
+                ),
                 default=0.0,
             )
-            phase_seconds["transfer"] += max(col.transfer_s.values(), default=0.0) + max(
-                (p.timings.get("download_s", 0.0) for p in parts), default=0.0
-            )
+            phase_seconds["transfer"] += max(
+                col.transfer_s.values(), default=0.0
+            ) + max((p.timings.get("download_s", 0.0) for p in parts), default=0.0)
 
             await self.set_state("aggregating")
             info = await asyncio.to_thread(self.strategy.apply, phase, round_, parts)

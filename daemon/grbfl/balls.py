@@ -94,10 +94,11 @@ _CELL_SIZE = 256
 _CELL_PROBES = 4
 _CELL_STEPS = 4
 
-# A pass keeps each ball's nearest qualifying partners, of which the greedy matching
-# rarely needs more than a few; its rounds stop after _MATCH_ROUNDS (rest next pass).
+# A pass keeps each ball's nearest qualifying partners as candidates (a ball rarely
+# needs more than a few) and merges in rounds; after _MATCH_ROUNDS rounds the next pass
+# starts from fresh candidates.
 _EDGES_PER_BALL = 8
-_MATCH_ROUNDS = 16
+_MATCH_ROUNDS = 512
 
 # Passes stop here even if balls could still merge: halving per pass, 32 passes would
 # merge the copies of one region from billions of participants.
@@ -713,15 +714,97 @@ class _MergeGroup:
         self._cells = _cell_centres(self._lower_bound_points())
 
     def run(self, closeness: float, cap: int) -> None:
-        """Merge greedily matched qualifying pairs until a pass merges nothing."""
+        """Merge qualifying pairs, pass after pass, until a pass merges nothing."""
         while len(self.sizes) > 1 and self.passes < _MAX_PASSES:
             spread = np.sqrt(self.squares.sum(axis=1) / self.sizes)
             src, dst, dist = self._qualifying_edges(closeness * spread, cap)
-            first, second = _greedy_pairs(src, dst, dist, len(self.sizes))
-            if not first.shape[0]:
+            gone = self._merge_rounds(src, dst, dist, closeness, cap)
+            if not gone.any():
                 return
-            self._merge(first, second)
+            self._keep(~gone)
             self.passes += 1
+
+    def _merge_rounds(
+        self,
+        src: IntArray,
+        dst: IntArray,
+        dist: FloatArray,
+        closeness: float,
+        cap: int,
+    ) -> BoolArray:
+        """Merge mutual nearest candidates round after round; return the absorbed.
+
+        Candidates are ranked by their distance at the start of the pass, but every
+        pair is checked against the rule with current statistics before it merges. A
+        ball that absorbed another inherits its candidates, so one pass can fold many
+        balls of one region into one.
+        """
+        count = len(self.sizes)
+        index = np.arange(count)
+        gone = np.zeros(count, np.bool_)
+
+        # Both directions of every edge, sorted once by distance (ties by partner).
+        u = np.concatenate([src, dst])
+        v = np.concatenate([dst, src])
+        d = np.concatenate([dist, dist])
+        order = np.lexsort((v, d))
+        u, v = u[order], v[order]
+
+        for _ in range(_MATCH_ROUNDS):
+            live = u != v
+            u, v = u[live], v[live]
+            if not u.shape[0]:
+                break
+
+            # A ball's first edge in distance order points to its nearest candidate.
+            head = np.full(count, u.shape[0])
+            np.minimum.at(head, u, np.arange(u.shape[0]))
+            best = np.where(head < u.shape[0], v[np.minimum(head, u.shape[0] - 1)], -1)
+            mutual = (best > index) & (best[np.maximum(best, 0)] == index)
+            first = index[mutual]
+            if not first.shape[0]:
+                break
+            second = best[first]
+
+            # Pairs that no longer qualify lose their edge; the others merge.
+            ok = self._qualifies(first, second, closeness, cap)
+            other = np.full(count, -1)
+            other[first[~ok]] = second[~ok]
+            other[second[~ok]] = first[~ok]
+            failed = other[u] == v
+            u, v = u[~failed], v[~failed]
+            first, second = first[ok], second[ok]
+            self._merge(first, second)
+            gone[second] = True
+
+            # The survivor of a merge takes over the absorbed ball's candidates.
+            into = index.copy()
+            into[second] = first
+            u, v = into[u], into[v]
+        return gone
+
+    def _qualifies(
+        self, first: IntArray, second: IntArray, closeness: float, cap: int
+    ) -> BoolArray:
+        """Whether each pair meets the merge rule, with exact current statistics."""
+        distance = np.linalg.norm(self.centers[first] - self.centers[second], axis=1)
+        spread = np.sqrt(
+            np.minimum(
+                self.squares[first].sum(axis=1) / self.sizes[first],
+                self.squares[second].sum(axis=1) / self.sizes[second],
+            )
+        )
+        disjoint = ~(self.bits[first] & self.bits[second]).any(axis=1)
+        small = self.sizes[first] + self.sizes[second] <= cap
+        return (distance < closeness * spread) & disjoint & small
+
+    def _keep(self, keep: BoolArray) -> None:
+        self.sizes = self.sizes[keep]
+        self.centers = self.centers[keep]
+        self.squares = self.squares[keep]
+        self.radii = self.radii[keep]
+        self.bits = self.bits[keep]
+        self.owners = self.owners[keep]
 
     def result(self, label: int) -> BallSet:
         """The merged balls as a float32 set whose radii still cover their members."""
@@ -763,14 +846,6 @@ class _MergeGroup:
         self.radii[first] = radius
         self.bits[first] |= self.bits[second]
         self.owners[first] = -1
-        keep = np.ones(len(self.sizes), np.bool_)
-        keep[second] = False
-        self.sizes = self.sizes[keep]
-        self.centers = self.centers[keep]
-        self.squares = self.squares[keep]
-        self.radii = self.radii[keep]
-        self.bits = self.bits[keep]
-        self.owners = self.owners[keep]
 
     def _qualifying_edges(
         self, limit: np.ndarray, cap: int
@@ -796,38 +871,43 @@ class _MergeGroup:
             _squared_distances(self._cells, self._cells), axis=1, kind="stable"
         )[:, :_CELL_PROBES]
 
-        # Exact distances, one matrix product per cell against its probed cells.
-        # Centring first keeps the float32 dot-product form accurate.
+        # Exact distances, one matrix product per cell against its probed cells; only
+        # the few entries within the row's limit are looked at further. Centring first
+        # keeps the float32 dot-product form accurate.
         centers = (self.centers - self._origin).astype(np.float32)
         norms = np.einsum("ij,ij->i", centers, centers)
+        reach2 = (limit * limit).astype(np.float32)
         nearest = np.full(count, np.inf)
         edges: list[tuple[IntArray, IntArray, FloatArray]] = []
         for cell, rows in enumerate(members[: len(reach)]):
             if not rows.shape[0]:
                 continue
             cols = np.concatenate([members[probe] for probe in probes[cell]])
-            squared = norms[rows, None] + norms[None, cols]
-            squared -= 2 * (centers[rows] @ centers[cols].T)
-            dist = np.sqrt(np.maximum(squared, 0))
-            ok = dist < np.minimum(limit[rows, None], limit[None, cols])
-            ok &= rows[:, None] != cols[None, :]
-            ok &= self.sizes[rows, None] + self.sizes[None, cols] <= cap
-            for word in range(self.bits.shape[1]):
-                ok &= (self.bits[rows, None, word] & self.bits[None, cols, word]) == 0
-            dist = np.where(ok, dist, np.inf)
-            nearest[rows] = dist.min(axis=1)
+            squared = centers[rows] @ centers[cols].T
+            squared *= -2
+            squared += norms[rows, None]
+            squared += norms[None, cols]
+            row, col = np.nonzero(squared < reach2[rows, None])
+            src, dst = rows[row], cols[col]
+            squared = squared[row, col]
+            ok = (squared < reach2[dst]) & (src != dst)
+            ok &= self.sizes[src] + self.sizes[dst] <= cap
+            ok &= ~(self.bits[src] & self.bits[dst]).any(axis=1)
+            src, dst = src[ok], dst[ok]
+            dist = np.sqrt(np.maximum(squared[ok], 0))
+            if not src.shape[0]:
+                continue
 
-            # Keep the nearest few per row; the matching needs no more.
-            if cols.shape[0] > _EDGES_PER_BALL:
-                pick = np.argpartition(dist, _EDGES_PER_BALL - 1, axis=1)
-                pick = pick[:, :_EDGES_PER_BALL]
-            else:
-                pick = np.broadcast_to(np.arange(cols.shape[0]), dist.shape)
-            picked = np.take_along_axis(dist, pick, axis=1)
-            row, slot = np.nonzero(np.isfinite(picked))
-            edges.append(
-                (rows[row], cols[pick[row, slot]], picked[row, slot].astype(np.float32))
+            # Keep the nearest few per ball; the rounds rarely need more.
+            order = np.lexsort((dst, dist, src))
+            src, dst, dist = src[order], dst[order], dist[order]
+            start = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
+            nearest[src[start]] = dist[start]
+            rank = np.arange(src.shape[0]) - np.repeat(
+                start, np.diff(np.r_[start, src.shape[0]])
             )
+            near = rank < _EDGES_PER_BALL
+            edges.append((src[near], dst[near], dist[near]))
 
         # A ball is verified when no unprobed cell can hold a partner nearer than the
         # one found (or within its limit, if none was found).
@@ -861,47 +941,6 @@ class _MergeGroup:
             "ij,ij->i", projected, projected
         )
         return np.hstack([projected, np.sqrt(np.maximum(rest, 0.0))[:, None]])
-
-
-def _greedy_pairs(
-    src: IntArray, dst: IntArray, dist: FloatArray, count: int
-) -> tuple[IntArray, IntArray]:
-    """Pair balls that are each other's nearest partner among the still unpaired.
-
-    Run to the end this is the greedy matching (closest pair first); it stops after
-    ``_MATCH_ROUNDS`` rounds, leaving the rest to the next pass.
-    """
-    # Both directions of every edge, sorted once by distance (ties by partner).
-    u = np.concatenate([src, dst])
-    v = np.concatenate([dst, src])
-    d = np.concatenate([dist, dist])
-    order = np.lexsort((v, d))
-    u, v = u[order], v[order]
-
-    paired = np.zeros(count, np.bool_)
-    index = np.arange(count)
-    firsts: list[IntArray] = []
-    seconds: list[IntArray] = []
-    for _ in range(_MATCH_ROUNDS):
-        live = ~paired[u] & ~paired[v]
-        u, v = u[live], v[live]
-        if not u.shape[0]:
-            break
-        # The first edge of a ball in distance order goes to its nearest partner.
-        head = np.full(count, u.shape[0])
-        np.minimum.at(head, u, np.arange(u.shape[0]))
-        best = np.where(head < u.shape[0], v[np.minimum(head, u.shape[0] - 1)], -1)
-        mutual = (best > index) & (best[np.maximum(best, 0)] == index)
-        first = index[mutual]
-        second = best[first]
-        paired[first] = True
-        paired[second] = True
-        firsts.append(first)
-        seconds.append(second)
-    if not firsts:
-        empty = np.zeros(0, np.int64)
-        return empty, empty
-    return np.concatenate(firsts), np.concatenate(seconds)
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

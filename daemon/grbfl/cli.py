@@ -123,14 +123,18 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.01,0.03: {text}") from exc
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 0.01,0.03: {text}"
+        ) from exc
 
 
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers like 100,300: {text}") from exc
+        raise argparse.ArgumentTypeError(
+            f"expected integers like 100,300: {text}"
+        ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate", help="a whole federation on this machine, one process per device"
     )
-    sim.add_argument("--data", type=Path, help="training image folder (default: "
-                     "scikit-learn's digits, exported as PNG files)")
+    sim.add_argument(
+        "--data",
+        type=Path,
+        help="training image folder (default: "
+        "scikit-learn's digits, exported as PNG files)",
+    )
     sim.add_argument("--test-data", type=Path, help="held-out image folder")
     sim.add_argument("--participants", type=int, default=3, help="default 3")
     sim.add_argument("--rounds", type=int, default=5, help="default 5")
@@ -173,45 +181,79 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--partition", default="iid", help="iid (default) or dirichlet:ALPHA"
     )
-    sim.add_argument("--limit", type=int, default=0,
-                     help="use at most N training images (0 = all)")
+    sim.add_argument(
+        "--limit", type=int, default=0, help="use at most N training images (0 = all)"
+    )
     sim.add_argument("--json", type=Path, help="write the results here")
-    sim.add_argument("--broker", help="HOST:PORT of a running broker "
-                     "(default: start a private Mosquitto)")
+    sim.add_argument(
+        "--broker",
+        help="HOST:PORT of a running broker (default: start a private Mosquitto)",
+    )
     sim.add_argument("--local-epochs", type=int, default=1)
     sim.add_argument("--batch-size", type=int, default=64)
     sim.add_argument("--lr", type=float, default=0.05)
-    sim.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                     default=None, help="random crops and flips while training "
-                     "(default: on for --data, off for the bundled digits)")
-    sim.add_argument("--n-clusters", type=int, default=100,
-                     help="balls a participant aims for (default 100)")
+    sim.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crops and flips while training "
+        "(default: on for --data, off for the bundled digits)",
+    )
+    sim.add_argument(
+        "--n-clusters",
+        type=int,
+        default=100,
+        help="balls a participant aims for (default 100)",
+    )
     sim.add_argument("--variance-threshold", type=float, default=0.03)
     sim.add_argument("--min-size", type=int, default=5)
-    sim.add_argument("--server-samples", type=int, default=20_000,
-                     help="samples the aggregator draws from the balls per round")
+    sim.add_argument(
+        "--server-samples",
+        type=int,
+        default=20_000,
+        help="samples the aggregator draws from the balls per round",
+    )
     sim.add_argument("--server-epochs", type=int, default=5)
-    sim.add_argument("--deadline", type=float, default=1800.0,
-                     help="seconds a round may take (default 1800)")
+    sim.add_argument(
+        "--deadline",
+        type=float,
+        default=1800.0,
+        help="seconds a round may take (default 1800)",
+    )
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--workdir", type=Path,
-                     help="keep configs, logs and state here (default: a temp dir)")
+    sim.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep configs, logs and state here (default: a temp dir)",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     balls = sub.add_parser(
         "balls", help="what a data folder would share as granular balls (no training)"
     )
-    balls.add_argument("--data", type=Path,
-                       help="image folder (default: the bundled digits)")
-    balls.add_argument("--classes", help="comma-separated class list "
-                       "(default: the folder's sub-folders)")
-    balls.add_argument("--thresholds", type=_floats, default=[0.01, 0.03, 0.1],
-                       help="variance thresholds to try (default 0.01,0.03,0.1)")
-    balls.add_argument("--clusters", type=_ints, default=[100],
-                       help="n_clusters values to try (default 100)")
+    balls.add_argument(
+        "--data", type=Path, help="image folder (default: the bundled digits)"
+    )
+    balls.add_argument(
+        "--classes",
+        help="comma-separated class list (default: the folder's sub-folders)",
+    )
+    balls.add_argument(
+        "--thresholds",
+        type=_floats,
+        default=[0.01, 0.03, 0.1],
+        help="variance thresholds to try (default 0.01,0.03,0.1)",
+    )
+    balls.add_argument(
+        "--clusters",
+        type=_ints,
+        default=[100],
+        help="n_clusters values to try (default 100)",
+    )
     balls.add_argument("--min-size", type=int, default=5)
-    balls.add_argument("--limit", type=int, default=0,
-                       help="use at most N images (0 = all)")
+    balls.add_argument(
+        "--limit", type=int, default=0, help="use at most N images (0 = all)"
+    )
     balls.add_argument("--json", type=Path, help="write the sweep here")
     balls.set_defaults(func=_cmd_balls)
 
@@ -221,15 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--username")
     watch.add_argument("--password")
     watch.add_argument("--tls-ca", type=Path)
-    watch.add_argument("--count", type=int, default=0,
-                       help="stop after N messages (0 = run until Ctrl-C)")
+    watch.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="stop after N messages (0 = run until Ctrl-C)",
+    )
     watch.set_defaults(func=_cmd_watch)
 
     plot = sub.add_parser("plot", help="PNG plots from simulate --json results")
     plot.add_argument("results", type=Path, nargs="+")
     plot.add_argument("--out", type=Path, default=Path("results/plots"))
-    plot.add_argument("--tensorboard", type=Path, metavar="LOGDIR",
-                      help="also write TensorBoard scalars here (needs tensorboard)")
+    plot.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="LOGDIR",
+        help="also write TensorBoard scalars here (needs tensorboard)",
+    )
     plot.set_defaults(func=_cmd_plot)
     return parser
 

@@ -228,8 +228,10 @@ def _build_section(source: str, name: str, raw: Any) -> Any:
             if (low is not None and converted < low) or (
                 high is not None and converted > high
             ):
-                bounds = f"between {low} and {high}" if high is not None else (
-                    f"at least {low}"
+                bounds = (
+                    f"between {low} and {high}"
+                    if high is not None
+                    else (f"at least {low}")
                 )
                 raise ConfigError(
                     f"{source}: {full} = {value!r} is out of range: {bounds}"

@@ -56,7 +56,9 @@ class Participant(Node):
             body = wire.decode_json(payload)
             if body.get("phase") == "done":
                 self.order = None
-                self.run_id = body.get("run") if isinstance(body.get("run"), str) else None
+                self.run_id = (
+                    body.get("run") if isinstance(body.get("run"), str) else None
+                )
                 self._finished = True
                 self.wake.set()
                 return
@@ -64,8 +66,12 @@ class Participant(Node):
             self.order = order
             self._finished = False
             if self.working_key is not None and self.working_key != order.key:
-                log.info("aggregator moved on to round %d %s; abandoning %s",
-                         order.round, order.phase, self.working_key)
+                log.info(
+                    "aggregator moved on to round %d %s; abandoning %s",
+                    order.round,
+                    order.phase,
+                    self.working_key,
+                )
                 self.stop_work.set()
             self.wake.set()
         elif topic.startswith(self.topics.base + "/model/"):
@@ -156,8 +162,11 @@ class Participant(Node):
             if order.announce in self.answered_announce:
                 continue
             if order.key in self.answers:
-                log.info("aggregator asked again for round %d %s; resending",
-                         order.round, order.phase)
+                log.info(
+                    "aggregator asked again for round %d %s; resending",
+                    order.round,
+                    order.phase,
+                )
                 await self._send(self.answers[order.key])
                 self.answered_announce.add(order.announce)
                 continue
@@ -180,8 +189,12 @@ class Participant(Node):
         self.working_key = order.key
         self.stop_work.clear()
         await self.set_state(_WORK_STATE.get(order.phase, "training"))
-        log.info("round %d %s: working (%d samples)", order.round, order.phase,
-                 len(self.data.y))
+        log.info(
+            "round %d %s: working (%d samples)",
+            order.round,
+            order.phase,
+            len(self.data.y),
+        )
         model_state = self.models.get(order.model_digest or "")
         try:
             body = await asyncio.to_thread(

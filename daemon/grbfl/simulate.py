@@ -287,10 +287,11 @@ class Progress:
 
     def on_metrics(self, body: dict[str, Any]) -> None:
         self.metrics.append(body)
+        up_mb = body.get("bytes_up", 0) / 1e6
+        seconds = body.get("seconds", {}).get("round", 0)
         self.say(
             f"round {body.get('round')}/{self.total} done: accuracy "
-            f"{body.get('accuracy', 0):.4f}, {body.get('bytes_up', 0) / 1e6:.2f} MB up, "
-            f"{body.get('seconds', {}).get('round', 0):.1f} s"
+            f"{body.get('accuracy', 0):.4f}, {up_mb:.2f} MB up, {seconds:.1f} s"
         )
 
 
@@ -298,7 +299,9 @@ async def watch_progress(host: str, port: int, progress: Progress) -> None:
     topics = Topics(FEDERATION)
     while True:
         try:
-            async with aiomqtt.Client(host, port, identifier="grbfl-simulate") as client:
+            async with aiomqtt.Client(
+                host, port, identifier="grbfl-simulate"
+            ) as client:
                 await client.subscribe(topics.any_status)
                 await client.subscribe(topics.metrics)
                 async for message in client.messages:
@@ -458,7 +461,9 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
     chosen = _subset(labels, opts.limit, opts.seed)
     progress.say(f"loading {len(chosen)} training images")
     train_set = load_image_folder(
-        train_dir, classes, files=[files[i][0] for i in chosen],
+        train_dir,
+        classes,
+        files=[files[i][0] for i in chosen],
         cache_dir=DEFAULT_CACHE / "images",
     )
     test_set = load_image_folder(test_dir, classes, cache_dir=DEFAULT_CACHE / "images")

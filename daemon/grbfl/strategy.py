@@ -24,13 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from . import wire
 from .aggregate import weighted_average
-from .balls import BallSet, BallSettings, ball_bytes, build_balls, merge_balls, sample_balls
+from .balls import (
+    BallSet,
+    BallSettings,
+    ball_bytes,
+    build_balls,
+    merge_balls,
+    sample_balls,
+)
 from .errors import WireError
-from .models import build_model, head_keys
+from .models import GrbflNet, build_model, head_keys
 from .training import TrainSettings, embed, evaluate, train, train_head
 from .weights import load_numpy_state, state_to_numpy
 
@@ -167,12 +173,12 @@ def participant_work(
         feats = embed(model, data.x)
         timings["embed_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        _, kept, report = build_balls(
+        _, kept, embed_report = build_balls(
             feats, data.y, data.num_classes, ball_settings(order.settings)
         )
         timings["cluster_s"] = time.perf_counter() - start
         body["balls"] = kept.to_arrays()
-        body["ball_report"] = report.as_dict()
+        body["ball_report"] = embed_report.as_dict()
         return body
 
     raise WireError(f"unknown phase {order.phase!r}")
@@ -258,7 +264,7 @@ class ServerStrategy:
         self.phases = PHASES[name]
         self.settings = settings
         self.num_classes = num_classes
-        self.model: nn.Module = build_model(model_name, num_classes, seed=seed)
+        self.model: GrbflNet = build_model(model_name, num_classes, seed=seed)
         self.seed = seed
         self._head = head_keys(self.model)
 
@@ -273,7 +279,7 @@ class ServerStrategy:
 
     def ball_dim(self, phase: str) -> int:
         if phase == "embed":
-            return int(self.model.embedding_dim)  # type: ignore[arg-type]
+            return int(self.model.embedding_dim)
         return 3 * 32 * 32
 
     def validate(
@@ -322,7 +328,9 @@ class ServerStrategy:
             contribution.ball_report = report if isinstance(report, dict) else {}
         return contribution
 
-    def apply(self, phase: str, round_: int, parts: list[Contribution]) -> dict[str, Any]:
+    def apply(
+        self, phase: str, round_: int, parts: list[Contribution]
+    ) -> dict[str, Any]:
         """Fold one phase's contributions into the global model; return metrics."""
         info: dict[str, Any] = {}
         start = time.perf_counter()
@@ -352,8 +360,9 @@ class ServerStrategy:
             p.node for p in parts if p.ball_report.get("degenerate")
         ]
         if len(merged) == 0:
-            log.warning("round %d: no balls cleared the threshold; model unchanged",
-                        round_)
+            log.warning(
+                "round %d: no balls cleared the threshold; model unchanged", round_
+            )
             info["aggregate_s"] = time.perf_counter() - start
             return info
 

@@ -49,6 +49,7 @@ class TrainSettings:
     augment: bool = True
     seed: int = 0
     schedule: str = "cosine"
+    warmup_steps: int = 0
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
@@ -145,8 +146,13 @@ def augment_batch(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _lr_at(settings: TrainSettings, step: int, total: int) -> float:
+    """Learning rate for step (0-based) of total: linear warm-up, then the schedule."""
+    warmup = min(settings.warmup_steps, total // 2)
+    if step < warmup:
+        return settings.lr * (step + 1) / (warmup + 1)
     if settings.schedule == "cosine":
-        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+        done = (step - warmup) / max(1, total - warmup)
+        return settings.lr * 0.5 * (1.0 + math.cos(math.pi * done))
     return settings.lr
 
 

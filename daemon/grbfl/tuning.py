@@ -38,8 +38,9 @@ def sweep(
     """One row per (n_clusters, threshold): counts, share kept, sizes, bytes."""
     rows = []
     for n_clusters in clusters:
-        base = BallSettings(n_clusters=n_clusters, variance_threshold=0.0,
-                            min_size=min_size)
+        base = BallSettings(
+            n_clusters=n_clusters, variance_threshold=0.0, min_size=min_size
+        )
         start = time.perf_counter()
         found, _, _ = build_balls(x, y, num_classes, base)
         seconds = time.perf_counter() - start
@@ -94,10 +95,13 @@ def ball_sweep(args: argparse.Namespace) -> None:
         rng = np.random.default_rng(0)
         images = images.subset(np.sort(rng.permutation(len(images))[: args.limit]))
     x = images.as_float().reshape(len(images), -1)
-    print(f"{data_dir}: {len(images)} images, {len(classes)} classes, "
-          f"{x.shape[1]} dimensions (pixels in [0, 1])")
-    rows = sweep(x, images.labels, len(classes), args.clusters, args.thresholds,
-                 args.min_size)
+    print(
+        f"{data_dir}: {len(images)} images, {len(classes)} classes, "
+        f"{x.shape[1]} dimensions (pixels in [0, 1])"
+    )
+    rows = sweep(
+        x, images.labels, len(classes), args.clusters, args.thresholds, args.min_size
+    )
     print(
         f"{'balls':>6} {'thresh':>7} {'found':>6} {'kept':>6} {'share':>6} "
         f"{'covers':>7} {'size min/med/max':>17} {'kB':>8}  kept per class"

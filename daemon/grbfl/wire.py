@@ -275,8 +275,9 @@ class Reassembler:
         for xfer in [
             k for k, p in self._pending.items() if now - p.started > STALE_TRANSFER_S
         ]:
-            log.warning("dropping transfer %s: incomplete after %.0f s", xfer,
-                        STALE_TRANSFER_S)
+            log.warning(
+                "dropping transfer %s: incomplete after %.0f s", xfer, STALE_TRANSFER_S
+            )
             del self._pending[xfer]
 
 
