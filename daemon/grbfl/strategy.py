@@ -377,7 +377,9 @@ class ServerStrategy:
             seed=self.seed + round_,
         )
         if phase == "embed":
-            feats, labels = sample_balls(merged, n, rng)
+            # Both models end in ReLU and pooling: embeddings are never negative,
+            # so samples below zero would teach the head about impossible inputs.
+            feats, labels = sample_balls(merged, n, rng, clip=(0.0, float("inf")))
             train_head(self.model, feats, labels, settings)
         else:
             flat, labels = sample_balls(merged, n, rng, clip=(0.0, 1.0))
