@@ -13,9 +13,11 @@ block) with each ball's nearest ball of another owner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from grbfl.balls import BallSet, merge_balls
 
@@ -47,7 +49,8 @@ def synthetic_balls(participants: int, balls_each: int, seed: int = 0) -> BallSe
     for owner in range(participants):
         offset = rng.standard_normal((CLASSES, 1, DIMS)) * OFFSET_SCALE
         sizes = rng.integers(*SIZE_RANGE, size=labels.shape[0])
-        variances = BALL_VARIANCE * rng.gamma(20.0, 1 / 20.0, size=(labels.shape[0], DIMS))
+        shape = (labels.shape[0], DIMS)
+        variances = BALL_VARIANCE * rng.gamma(20.0, 1 / 20.0, size=shape)
         noise = rng.standard_normal((labels.shape[0], DIMS)) * np.sqrt(
             variances / sizes[:, None]
         )
@@ -68,7 +71,7 @@ def synthetic_balls(participants: int, balls_each: int, seed: int = 0) -> BallSe
 
 
 def naive_nearest(balls: BallSet) -> float:
-    """Seconds for all same-class pairwise distances and each ball's nearest other owner."""
+    """Seconds for all same-class distances and each ball's nearest other owner."""
     started = time.perf_counter()
     for label in np.unique(balls.labels):
         rows = np.flatnonzero(balls.labels == label)
@@ -78,7 +81,10 @@ def naive_nearest(balls: BallSet) -> float:
         nearest = np.empty(rows.shape[0], np.int64)
         for start in range(0, rows.shape[0], BASELINE_BLOCK):
             block = slice(start, start + BASELINE_BLOCK)
-            squared = norms[block, None] + norms[None, :] - 2 * centers[block] @ centers.T
+            squared = centers[block] @ centers.T
+            squared *= -2
+            squared += norms[block, None]
+            squared += norms[None, :]
             squared[owners[block, None] == owners[None, :]] = np.inf
             nearest[block] = squared.argmin(axis=1)
     return time.perf_counter() - started
@@ -87,28 +93,52 @@ def naive_nearest(balls: BallSet) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--closeness", type=float, default=0.5)
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="BLAS threads during the run, 0 for the library default (default: 1; "
+        "on a busy 2-core machine more threads made small products many times slower)",
+    )
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
+    limits = (
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
+        if args.blas_threads > 0
+        else contextlib.nullcontext()
+    )
+    with limits:
+        run(args.closeness, skip_baseline=args.skip_baseline)
 
+
+def run(closeness: float, *, skip_baseline: bool) -> None:
+    """Merge both cases and time the baseline; print one line each."""
+    threads = sorted({pool["num_threads"] for pool in threadpool_info()})
+    print(f"BLAS/OpenMP threads in use: {threads}; times are wall (process CPU)")
     cases = [(100, 100, 1.0), (100, 1000, 10.0)]
     for participants, balls_each, budget in cases:
         balls = synthetic_balls(participants, balls_each)
-        merged, stats = merge_balls(balls, closeness=args.closeness)
+        cpu = time.process_time()
+        merged, stats = merge_balls(balls, closeness=closeness)
+        cpu = time.process_time() - cpu
         per_class = np.bincount(merged.labels, minlength=CLASSES)
         verdict = "ok" if stats.seconds < budget else "OVER BUDGET"
         print(
             f"{participants} participants x {balls_each} balls x {DIMS} dims: "
             f"{stats.before} -> {stats.after} balls in {stats.seconds:.2f} s "
-            f"(budget {budget:.0f} s, {verdict}); {stats.passes} passes, "
+            f"({cpu:.2f} s), budget {budget:.0f} s {verdict}; {stats.passes} passes, "
             f"{stats.unverified} unverified searches, balls per class "
             f"{per_class.min()}..{per_class.max()}"
         )
 
-    if not args.skip_baseline:
+    if not skip_baseline:
+        cpu = time.process_time()
         naive = naive_nearest(balls)
+        cpu = time.process_time() - cpu
         print(
-            f"baseline, all same-class pairwise distances for the large case: "
-            f"{naive:.2f} s, {naive / stats.seconds:.1f}x the merge"
+            f"baseline for the large case, all same-class pairwise distances and "
+            f"nearest other owner: {naive:.2f} s ({cpu:.2f} s), "
+            f"{naive / stats.seconds:.1f}x the whole merge"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -48,6 +49,14 @@ class Collection:
     rejected: int = 0
 
 
+def round_lr(base: float, round_: int, rounds: int, decay: str) -> float:
+    """The learning rate of one round: a half cosine from base across the run,
+    ending above zero so the last round still learns."""
+    if decay == "none" or rounds <= 1:
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / rounds))
+
+
 class Aggregator(Node):
     role = "aggregator"
 
@@ -59,6 +68,8 @@ class Aggregator(Node):
             "batch_size": cfg.training.batch_size,
             "lr": cfg.training.lr,
             "augment": cfg.training.augment,
+            "schedule": "constant" if cfg.training.lr_decay == "cosine" else "cosine",
+            "warmup_steps": cfg.training.warmup_steps,
             "n_clusters": cfg.strategy.n_clusters,
             "variance_threshold": cfg.strategy.variance_threshold,
             "min_size": cfg.strategy.min_size,
@@ -350,6 +361,12 @@ class Aggregator(Node):
 
     async def _run_round(self, round_: int) -> None:
         started = time.perf_counter()
+        self.settings["lr"] = round_lr(
+            self.config.training.lr,
+            round_,
+            self.config.rounds.rounds,
+            self.config.training.lr_decay,
+        )
         record: dict[str, Any] = {
             "run": self.run_id,
             "round": round_,

@@ -39,7 +39,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if config.training.threads:
+        # torch and the BLAS/OpenMP pools under scikit-learn each size themselves
+        # to the machine; several daemons on one box would oversubscribe it.
+        from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(config.training.threads)
+        threadpool_limits(config.training.threads)
     if config.node.role == "aggregator":
         from .aggregator import Aggregator
 

@@ -71,6 +71,13 @@ class TrainingConfig:
     # Random crops and mirror images; off for data that is not mirror-symmetric
     # (digits, text).
     augment: bool = True
+    # "cosine": the aggregator lowers lr from round to round along a half cosine
+    # and each round trains at a constant rate; "none": every round starts at lr
+    # and decays to zero within the round.
+    lr_decay: str = "cosine"
+    # Steps at the start of each local training call that ramp lr up from zero;
+    # a model fresh from averaging takes a full-rate step badly.
+    warmup_steps: int = 100
     threads: int = 0
 
 
@@ -143,6 +150,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "training.batch_size": (1, 65536),
     "training.lr": (1e-8, 10.0),
     "training.threads": (0, 1024),
+    "training.warmup_steps": (0, 1_000_000),
     "rounds.rounds": (1, 1_000_000),
     "rounds.deadline_s": (1.0, 7 * 86400.0),
     "rounds.min_participants": (1, 100_000),
@@ -160,6 +168,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "node.role": ROLES,
     "model.name": MODELS,
+    "training.lr_decay": ("cosine", "none"),
     "strategy.name": STRATEGIES,
 }
 

@@ -15,10 +15,13 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +51,16 @@ IMAGE_SIZE = 32
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
-# Progress is reported every this many files: often enough for a bar, rarely enough to
-# cost nothing next to decoding (about 0.1 s per 1,000 small JPEGs).
-_PROGRESS_EVERY = 1000
+# Files per decoding task, and the unit of progress reports: about 0.15 s of work for
+# small JPEGs, large enough that passing the results between processes costs little.
+_CHUNK = 1000
+
+# Below this many files a worker pool costs more to start (each worker imports numpy
+# and PIL, about 0.3 s) than it saves.
+_POOL_THRESHOLD = 4000
+
+# More workers than this gains little: reading files and merging results take over.
+_MAX_WORKERS = 4
 
 # Bumped whenever the decoding below changes, so that old caches are not reused.
 _CACHE_VERSION = 1
@@ -82,7 +92,9 @@ class ImageSet:
     def as_float(self) -> np.ndarray:
         """float32 (N, 3, 32, 32) in [0, 1]: the model input and the balls' space."""
         out = np.empty((len(self), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-        np.multiply(self.images.transpose(0, 3, 1, 2), 1.0 / 255.0, out=out)
+        # Divide rather than multiply by 1/255: the result then matches, bit for bit,
+        # the per-batch conversion the training loop applies to uint8 input.
+        np.divide(self.images.transpose(0, 3, 1, 2), np.float32(255.0), out=out)
         return out
 
     def class_counts(self) -> np.ndarray:
@@ -198,49 +210,27 @@ def decode_image(path: Path) -> np.ndarray:
     return arr
 
 
-def _fast_decoder() -> Callable[[Path], np.ndarray | None] | None:
-    """torchvision's C++ decoder for the common case, or None where it is missing.
+def _cache_name(
+    root: Path,
+    classes: Sequence[str],
+    files: Sequence[str] | None,
+    listing: Sequence[tuple[str, int]],
+) -> tuple[str, str]:
+    """(prefix, file name) of the cache for this load.
 
-    PIL spends about 150 us per small JPEG parsing headers in Python, torchvision about
-    40 us, and the two produce identical pixels. The fast path takes only 8-bit grey or
-    RGB results; anything else (alpha, palette with transparency, 16-bit, CMYK, a
-    corrupt file) returns None and goes through PIL, which knows every case.
+    The prefix names the request (folder, classes, requested files); the rest hashes
+    what decides the decoded arrays (paths, labels, sizes, times). A cache with the
+    same prefix and another hash is outdated and can go.
     """
-    try:
-        import torch
-        from torchvision.io import ImageReadMode, read_file
-        from torchvision.io import decode_image as tv_decode
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-
-    def decode(path: Path) -> np.ndarray | None:
-        try:
-            chw = tv_decode(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-        except (RuntimeError, ValueError):
-            return None
-        if chw.dtype != torch.uint8 or chw.ndim != 3 or chw.shape[0] not in (1, 3):
-            return None
-        hwc = chw.permute(1, 2, 0).numpy()
-        if hwc.shape[2] == 1:
-            hwc = np.repeat(hwc, 3, axis=2)
-        if hwc.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-            img = _square_resize(Image.fromarray(np.ascontiguousarray(hwc), mode="RGB"))
-            hwc = np.asarray(img, dtype=np.uint8)
-        return hwc
-
-    return decode
-
-
-def _cache_key(
-    root: Path, classes: Sequence[str], files: Sequence[tuple[str, int]]
-) -> str:
-    """Hash of what decides the decoded arrays: paths, labels, sizes, mtimes."""
+    request = [_CACHE_VERSION, str(root.resolve()), list(classes)]
+    if files is not None:
+        request.append(sorted(Path(f).as_posix() for f in files))
+    prefix = "images-" + hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     h = hashlib.sha256()
-    h.update(json.dumps([_CACHE_VERSION, str(root.resolve()), list(classes)]).encode())
-    for rel, label in files:
+    for rel, label in listing:
         st = os.stat(root / rel)
         h.update(f"\0{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:32]
+    return prefix, f"{prefix}-{h.hexdigest()[:16]}.npz"
 
 
 def _load_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -285,13 +275,15 @@ def load_image_folder(
     files: Sequence[str] | None = None,
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
+    workers: int | None = None,
 ) -> ImageSet:
     """Decode every image under root's class folders into an ImageSet.
 
     classes fixes the label numbers (the federation's list, not the folder order).
     files, when given, restricts the load to those paths relative to root. Unreadable
     files are skipped with a warning; if none can be read, DataError. With cache_dir,
-    the decoded arrays are kept there and reused while no file changes.
+    the decoded arrays are kept there and reused while no file changes. workers sets
+    how many processes decode a large folder (default: up to 4, one per core).
     """
     root = Path(root)
     listing = list_images(root, classes)
@@ -316,9 +308,8 @@ def load_image_folder(
     # Reuse the cache when nothing changed.
     cache_path: Path | None = None
     if cache_dir is not None:
-        cache_path = (
-            Path(cache_dir) / f"images-{_cache_key(root, classes, listing)}.npz"
-        )
+        prefix, name = _cache_name(root, classes, files, listing)
+        cache_path = Path(cache_dir) / name
         if cache_path.is_file():
             cached = _load_cache(cache_path, len(listing))
             if cached is not None:
@@ -332,38 +323,75 @@ def load_image_folder(
                     progress(len(listing), len(listing))
                 return ImageSet(cached[0], cached[1], tuple(classes))
 
-    images, labels = _decode_all(root, listing, progress)
+    images, labels = _decode_all(root, listing, progress, workers)
     if cache_path is not None:
         _write_cache(cache_path, images, labels)
+
+        # Drop caches of earlier versions of this folder, so a device whose images
+        # change does not fill its disk with stale copies.
+        for old in cache_path.parent.glob(f"{prefix}-*.npz"):
+            if old != cache_path:
+                old.unlink(missing_ok=True)
     return ImageSet(images, labels, tuple(classes))
+
+
+def _decode_chunk(
+    root: Path, rel_paths: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode some files: (images, readable mask, one message per unreadable file)."""
+    images = np.zeros((len(rel_paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    ok = np.zeros(len(rel_paths), dtype=bool)
+    failures: list[str] = []
+    for i, rel in enumerate(rel_paths):
+        try:
+            images[i] = decode_image(root / rel)
+            ok[i] = True
+        except DataError as exc:
+            failures.append(str(exc))
+    return images, ok, failures
 
 
 def _decode_all(
     root: Path,
     listing: Sequence[tuple[str, int]],
     progress: ProgressFn | None,
+    workers: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the listed files in order; skip unreadable ones with one warning."""
+    """Decode the listed files, in worker processes when there are many of them."""
     n = len(listing)
-    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
-    failures: list[str] = []
+    paths = [rel for rel, _ in listing]
+    starts = range(0, n, _CHUNK)
+    n_workers = (
+        workers if workers is not None else min(_MAX_WORKERS, os.cpu_count() or 1)
+    )
+    n_workers = max(1, min(n_workers, len(starts)))
+    results: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
 
-    # One thread on purpose: both decoders hold the GIL for most of each small image,
-    # and a thread pool measured slower (50,000 CIFAR JPEGs: 4.5 s alone, 6 s with two
-    # threads on two cores), while worker processes would each pay the torch import.
-    fast = _fast_decoder()
-    for i, (rel, _) in enumerate(listing):
-        path = root / rel
+    def report() -> None:
+        if progress is not None:
+            progress(min(len(results) * _CHUNK, n), n)
+
+    # PIL parses JPEG headers in Python and holds the GIL for most of a small image, so
+    # threads do not help; processes do. Spawned, not forked: the daemon has threads.
+    if n_workers > 1 and n >= _POOL_THRESHOLD:
         try:
-            arr = fast(path) if fast is not None else None
-            images[i] = arr if arr is not None else decode_image(path)
-            ok[i] = True
-        except DataError as exc:
-            failures.append(str(exc))
-        if progress is not None and ((i + 1) % _PROGRESS_EVERY == 0 or i + 1 == n):
-            progress(i + 1, n)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+                chunks = [paths[s : s + _CHUNK] for s in starts]
+                for result in pool.map(_decode_chunk, [root] * len(chunks), chunks):
+                    results.append(result)
+                    report()
+        except (BrokenProcessPool, OSError) as exc:
+            log.warning("decoding %s in one process: worker pool failed: %s", root, exc)
+            results = []
+    if not results:
+        for s in starts:
+            results.append(_decode_chunk(root, paths[s : s + _CHUNK]))
+            report()
 
+    images = np.concatenate([r[0] for r in results])
+    ok = np.concatenate([r[1] for r in results])
+    failures = [msg for r in results for msg in r[2]]
     if failures:
         log.warning("%s", failures[0])
         if len(failures) > 1:

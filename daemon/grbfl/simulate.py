@@ -34,6 +34,8 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 FEDERATION = "sim"
+# The daemon's default warm-up (training.warmup_steps), used by the reference run.
+WARMUP_STEPS = 100
 # Seconds between progress lines while nothing but participant states change.
 PROGRESS_EVERY_S = 10.0
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grbfl"
@@ -149,6 +151,7 @@ class Federation:
     host: str
     port: int
     configs: dict[str, Path]
+    threads: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def log_path(self, node: str) -> Path:
@@ -157,6 +160,12 @@ class Federation:
     def start(self, node: str) -> subprocess.Popen[bytes]:
         """Start (or restart) one device's daemon as its own process."""
         self.log_path(node).parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.threads.get(node):
+            # OpenMP and BLAS pools start before our code runs; the environment is
+            # the only way to size them in a child process.
+            env["OMP_NUM_THREADS"] = str(self.threads[node])
+            env["OPENBLAS_NUM_THREADS"] = str(self.threads[node])
         with open(self.log_path(node), "ab") as log_file:
             proc = subprocess.Popen(
                 [
@@ -171,6 +180,7 @@ class Federation:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
             )
         self.processes[node] = proc
         return proc
@@ -247,7 +257,8 @@ def prepare(
                 )
             )
         )
-    return Federation(workdir, host, port, configs), agg_state
+    node_threads = {node: threads for node in configs if node != "aggregator"}
+    return Federation(workdir, host, port, configs, node_threads), agg_state
 
 
 class Progress:
@@ -448,6 +459,7 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
     """The reference: one model on all the (limited) data, same total epochs."""
     import torch
 
+    from .aggregator import round_lr
     from .data import load_image_folder
     from .models import build_model
     from .training import TrainSettings, evaluate, train
@@ -477,7 +489,9 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
         settings = TrainSettings(
             epochs=opts.local_epochs,
             batch_size=opts.batch_size,
-            lr=opts.lr,
+            lr=round_lr(opts.lr, round_, opts.rounds, "cosine"),
+            schedule="constant",
+            warmup_steps=WARMUP_STEPS,
             augment=bool(opts.augment),
             seed=opts.seed + round_,
         )

@@ -97,6 +97,8 @@ def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
         batch_size=int(settings["batch_size"]),
         lr=float(settings["lr"]),
         augment=bool(settings.get("augment", True)),
+        schedule=str(settings.get("schedule", "cosine")),
+        warmup_steps=int(settings.get("warmup_steps", 0)),
         seed=seed,
     )
 

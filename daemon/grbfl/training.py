@@ -64,6 +64,8 @@ class TrainSettings:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.schedule not in SCHEDULES:
             problems.append(
                 f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"
@@ -117,13 +119,13 @@ def _check_inputs(x: np.ndarray, y: np.ndarray | None) -> None:
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[np.ndarray]:
-    """A shuffled epoch split into near-equal batches of about batch_size.
+    """A shuffled epoch split into near-equal batches of at most batch_size.
 
     Near-equal rather than full batches plus a remainder: a last batch of a handful of
     samples would give batch norm noisy statistics and a step as large as any other.
     """
     order = torch.randperm(n, generator=gen).numpy()
-    count = max(1, round(n / batch_size))
+    count = math.ceil(n / batch_size)
     return np.array_split(order, count)
 
 

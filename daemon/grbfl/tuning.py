@@ -16,15 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .balls import BallSet, BallSettings, ball_bytes, build_balls
+from .balls import BallSettings, ball_bytes, find_balls, select_balls
 from .data import discover_classes, export_digits, load_image_folder
 from .errors import GrbflError
 from .simulate import DEFAULT_CACHE
-
-
-def _kept(found: BallSet, settings: BallSettings) -> np.ndarray:
-    mean_var = found.variances.mean(axis=1) if len(found) else np.zeros(0)
-    return (found.sizes >= settings.min_size) & (mean_var > settings.variance_threshold)
 
 
 def sweep(
@@ -42,17 +37,14 @@ def sweep(
             n_clusters=n_clusters, variance_threshold=0.0, min_size=min_size
         )
         start = time.perf_counter()
-        found, _, _ = build_balls(x, y, num_classes, base)
+        found, exposes = find_balls(x, y, num_classes, base)
         seconds = time.perf_counter() - start
         for threshold in thresholds:
-            mask = _kept(found, replace(base, variance_threshold=threshold))
-            kept = BallSet(
-                labels=found.labels[mask],
-                sizes=found.sizes[mask],
-                centers=found.centers[mask],
-                variances=found.variances[mask],
-                radii=found.radii[mask],
-                owners=found.owners[mask],
+            kept, _ = select_balls(
+                found,
+                num_classes,
+                replace(base, variance_threshold=threshold),
+                exposes_sample=exposes,
             )
             sizes = kept.sizes
             per_class = np.bincount(kept.labels, minlength=num_classes).tolist()
