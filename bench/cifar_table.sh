@@ -1,7 +1,7 @@
 #!/bin/sh
 # Reproduces the CIFAR-10 results table in README.md: every strategy with
 # 3 participants, the same model, rounds and local epochs. Runs one after the
-# other (each uses both cores); about 90 minutes on a 2-core machine.
+# other (each uses both cores); about an hour on a 2-core machine.
 #   sh bench/cifar_table.sh [DATA_ROOT]     (default ../shared/datasets/cifar10)
 set -eu
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ run cifar-grbfl-iid-t0.03    --strategy grbfl --variance-threshold 0.03
 run cifar-fedavg-dir0.5      --strategy fedavg --partition dirichlet:0.5
 run cifar-grbfl-dir0.5-t0.03 --strategy grbfl --partition dirichlet:0.5 --variance-threshold 0.03
 for t in 0.01 0.03 0.1; do
-  run cifar-balls-iid-t$t    --strategy balls --variance-threshold $t
+  run cifar-balls-iid-t$t    --strategy balls --variance-threshold $t --server-epochs 2
 done
 for t in 0.01 0.1; do
   run cifar-grbfl-iid-t$t    --strategy grbfl --variance-threshold $t

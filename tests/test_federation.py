@@ -218,3 +218,34 @@ def test_balls_strategy_sends_no_weights_and_only_valid_balls(
                 + (flat.astype(np.float64) ** 2).sum(1)[None, :]
             )
             assert d2.min() > 1e-6, f"{node} shared a center equal to a sample"
+
+
+def test_grbfl_keeps_the_classifier_head_on_the_participants(
+    tmp_path: Path, broker: PrivateBroker, digits_dirs: tuple[Path, Path]
+) -> None:
+    """In `grbfl`, participants send feature-extractor weights in the train phase
+    and embedding balls in the embed phase; no head weight ever leaves them."""
+    recorder = Recorder(broker)
+    train_dir, test_dir = digits_dirs
+    opts = small_options(
+        tmp_path, broker, data=train_dir, test_data=test_dir, strategy="grbfl", rounds=2
+    )
+    try:
+        result = run_federation(opts)
+    finally:
+        recorder.stop()
+
+    assert result["final_accuracy"] > 0.8
+    last = result["rounds"][-1]
+    assert last["balls_sent"] > 0 and 0 < last["balls_after_merge"] <= last["balls_sent"]
+    updates = recorder.updates()
+    assert set(updates) == {"p1", "p2", "p3"}
+    for node, bodies in updates.items():
+        phases = [b["phase"] for b in bodies]
+        assert phases == ["train", "embed", "train", "embed"], (node, phases)
+        for body in bodies:
+            names = [p for p, _ in wire.iter_arrays(body)]
+            assert not any("head" in n for n in names), (node, names)
+            if body["phase"] == "embed":
+                assert "weights" not in body
+                assert body["balls"]["sizes"].min() >= opts.min_size

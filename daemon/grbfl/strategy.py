@@ -352,6 +352,8 @@ class ServerStrategy:
             balls_sent=int(stats.before),
             balls_after_merge=int(stats.after),
             merge_s=stats.seconds,
+            merged_pairs=int(stats.merged_pairs),
+            merge_unverified=int(stats.unverified),
             ball_bytes=int(sum(ball_bytes(p.balls) for p in parts if p.balls)),
         )
         found = sum(int(p.ball_report.get("found", 0)) for p in parts)
