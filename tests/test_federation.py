@@ -237,7 +237,8 @@ def test_grbfl_keeps_the_classifier_head_on_the_participants(
 
     assert result["final_accuracy"] > 0.8
     last = result["rounds"][-1]
-    assert last["balls_sent"] > 0 and 0 < last["balls_after_merge"] <= last["balls_sent"]
+    assert last["balls_sent"] > 0
+    assert 0 < last["balls_after_merge"] <= last["balls_sent"]
     updates = recorder.updates()
     assert set(updates) == {"p1", "p2", "p3"}
     for node, bodies in updates.items():
