@@ -230,20 +230,6 @@ def test_rebuilding_the_cache_removes_the_outdated_one(
     assert not list(cache.glob("*.tmp"))
 
 
-def test_worker_processes_decode_the_same_pixels_as_one_process(
-    image_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The pool used for large folders gives the in-process result, skips included."""
-    single = load_image_folder(image_root, CLASSES, workers=1)
-    monkeypatch.setattr(data, "_POOL_THRESHOLD", 0)
-    monkeypatch.setattr(data, "_CHUNK", 2)
-
-    pooled = load_image_folder(image_root, CLASSES, workers=2)
-
-    np.testing.assert_array_equal(single.images, pooled.images)
-    np.testing.assert_array_equal(single.labels, pooled.labels)
-
-
 def test_progress_reports_the_final_count(image_root: Path) -> None:
     """The progress callback ends at (total, total)."""
     calls: list[tuple[int, int]] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -15,6 +16,7 @@ from grbfl.training import (
     augment_batch,
     embed,
     evaluate,
+    settings_for_round,
     train,
     train_head,
 )
@@ -220,16 +222,33 @@ def test_augmentation_only_shifts_and_flips_the_image() -> None:
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_to_zero() -> None:
-    """Linear warm-up to lr, then a monotone cosine decay ending near zero."""
+    """A linear ramp over the warm-up steps, then a monotone decay ending near zero."""
     settings = TrainSettings(lr=0.1, warmup_steps=3)
 
     rates = [_lr_at(settings, step, 18) for step in range(18)]
 
-    assert rates[0] < rates[1] < rates[2] < rates[3] == pytest.approx(0.1)
+    assert rates[0] < rates[1] < rates[2] < rates[3]
+    assert rates[3] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 18)))
     assert all(a >= b for a, b in zip(rates[3:], rates[4:], strict=False))
     assert rates[-1] < 0.01
-    constant = TrainSettings(lr=0.1, schedule="constant")
+    constant = TrainSettings(lr=0.1, schedule="constant", warmup_steps=0)
     assert {_lr_at(constant, step, 18) for step in range(18)} == {0.1}
+
+
+def test_rounds_follow_the_learning_rate_curve_of_one_centralized_run() -> None:
+    """Five rounds of one epoch see the rates one five-epoch run would see."""
+    base = TrainSettings(lr=0.05, warmup_steps=10)
+    central = [_lr_at(base, step, 100) for step in range(100)]
+
+    rounds = []
+    for round_no in range(1, 6):
+        settings = settings_for_round(base, round_no, 5)
+        rounds += [_lr_at(settings, step, 20) for step in range(20)]
+
+    assert rounds == pytest.approx(central)
+    assert settings_for_round(base, 2, 5).warmup_steps == 0
+    with pytest.raises(ValueError, match="outside"):
+        settings_for_round(base, 6, 5)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +261,7 @@ def test_learning_rate_warms_up_then_follows_the_cosine_to_zero() -> None:
         {"momentum": 1.0},
         {"schedule": "step"},
         {"warmup_steps": -1},
+        {"schedule_start": 0.6, "schedule_end": 0.4},
     ],
 )
 def test_invalid_settings_raise_value_error(changes: dict[str, object]) -> None:

@@ -15,13 +15,10 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +48,9 @@ IMAGE_SIZE = 32
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
-# Files per decoding task, and the unit of progress reports: about 0.15 s of work for
-# small JPEGs, large enough that passing the results between processes costs little.
-_CHUNK = 1000
-
-# Below this many files a worker pool costs more to start (each worker imports numpy
-# and PIL, about 0.3 s) than it saves.
-_POOL_THRESHOLD = 4000
-
-# More workers than this gains little: reading files and merging results take over.
-_MAX_WORKERS = 4
+# Progress is reported every this many files: often enough for a progress bar, rarely
+# enough to cost nothing next to decoding (about 0.2 s per 1,000 small JPEGs).
+_PROGRESS_EVERY = 1000
 
 # Bumped whenever the decoding below changes, so that old caches are not reused.
 _CACHE_VERSION = 1
@@ -198,7 +188,7 @@ def decode_image(path: Path) -> np.ndarray:
     """One image file as uint8 (32, 32, 3) RGB; DataError naming it if unusable."""
     try:
         with Image.open(path) as img:
-            if img.format == "JPEG":
+            if img.format == "JPEG" and min(img.size) > 2 * IMAGE_SIZE:
                 # Let libjpeg scale a large photo down while decoding: much faster.
                 img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
             img.load()
@@ -275,15 +265,13 @@ def load_image_folder(
     files: Sequence[str] | None = None,
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
-    workers: int | None = None,
 ) -> ImageSet:
     """Decode every image under root's class folders into an ImageSet.
 
     classes fixes the label numbers (the federation's list, not the folder order).
     files, when given, restricts the load to those paths relative to root. Unreadable
     files are skipped with a warning; if none can be read, DataError. With cache_dir,
-    the decoded arrays are kept there and reused while no file changes. workers sets
-    how many processes decode a large folder (default: up to 4, one per core).
+    the decoded arrays are kept there and reused while no file changes.
     """
     root = Path(root)
     listing = list_images(root, classes)
@@ -323,7 +311,7 @@ def load_image_folder(
                     progress(len(listing), len(listing))
                 return ImageSet(cached[0], cached[1], tuple(classes))
 
-    images, labels = _decode_all(root, listing, progress, workers)
+    images, labels = _decode_all(root, listing, progress)
     if cache_path is not None:
         _write_cache(cache_path, images, labels)
 
@@ -335,63 +323,29 @@ def load_image_folder(
     return ImageSet(images, labels, tuple(classes))
 
 
-def _decode_chunk(
-    root: Path, rel_paths: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode some files: (images, readable mask, one message per unreadable file)."""
-    images = np.zeros((len(rel_paths), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    ok = np.zeros(len(rel_paths), dtype=bool)
+def _decode_all(
+    root: Path,
+    listing: Sequence[tuple[str, int]],
+    progress: ProgressFn | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the listed files in order; skip unreadable ones with one warning."""
+    n = len(listing)
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
     failures: list[str] = []
-    for i, rel in enumerate(rel_paths):
+
+    # One thread on purpose. PIL holds the GIL while it parses a small JPEG, so threads
+    # gained under 20%; worker processes doubled the speed but spawn re-runs the
+    # caller's main script, which breaks any script without a __main__ guard.
+    for i, (rel, _) in enumerate(listing):
         try:
             images[i] = decode_image(root / rel)
             ok[i] = True
         except DataError as exc:
             failures.append(str(exc))
-    return images, ok, failures
+        if progress is not None and ((i + 1) % _PROGRESS_EVERY == 0 or i + 1 == n):
+            progress(i + 1, n)
 
-
-def _decode_all(
-    root: Path,
-    listing: Sequence[tuple[str, int]],
-    progress: ProgressFn | None,
-    workers: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the listed files, in worker processes when there are many of them."""
-    n = len(listing)
-    paths = [rel for rel, _ in listing]
-    starts = range(0, n, _CHUNK)
-    n_workers = (
-        workers if workers is not None else min(_MAX_WORKERS, os.cpu_count() or 1)
-    )
-    n_workers = max(1, min(n_workers, len(starts)))
-    results: list[tuple[np.ndarray, np.ndarray, list[str]]] = []
-
-    def report() -> None:
-        if progress is not None:
-            progress(min(len(results) * _CHUNK, n), n)
-
-    # PIL parses JPEG headers in Python and holds the GIL for most of a small image, so
-    # threads do not help; processes do. Spawned, not forked: the daemon has threads.
-    if n_workers > 1 and n >= _POOL_THRESHOLD:
-        try:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
-                chunks = [paths[s : s + _CHUNK] for s in starts]
-                for result in pool.map(_decode_chunk, [root] * len(chunks), chunks):
-                    results.append(result)
-                    report()
-        except (BrokenProcessPool, OSError) as exc:
-            log.warning("decoding %s in one process: worker pool failed: %s", root, exc)
-            results = []
-    if not results:
-        for s in starts:
-            results.append(_decode_chunk(root, paths[s : s + _CHUNK]))
-            report()
-
-    images = np.concatenate([r[0] for r in results])
-    ok = np.concatenate([r[1] for r in results])
-    failures = [msg for r in results for msg in r[2]]
     if failures:
         log.warning("%s", failures[0])
         if len(failures) > 1:
