@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +44,8 @@ class Participant(Node):
         self.answers: dict[tuple[str, int, str], list[bytes]] = {}
         self.answered_announce: set[str] = set()
         self.data: LocalData | None = None
+        # Set when the aggregator announces that the run is over.
+        self._finished = False
 
     def subscriptions(self) -> list[str]:
         return [self.topics.run, self.topics.model_all]
@@ -103,8 +104,6 @@ class Participant(Node):
                 del self.models[oldest]
             log.debug("model %s arrived (%d bytes)", digest[:12], len(body_bytes))
             self.wake.set()
-
-    _finished = False
 
     def on_shutdown(self) -> None:
         self.stop_work.set()
@@ -249,8 +248,3 @@ class Participant(Node):
         for part in parts:
             await self.link.publish(self.topics.updates(self.node_id), part)
 
-
-def describe(body: dict[str, Any]) -> str:
-    """A one-line summary of an update body, for logs."""
-    keys = ", ".join(sorted(body))
-    return f"update with {keys}"
