@@ -29,6 +29,9 @@ CHECKPOINT = "checkpoint.cbor"
 METRICS = "metrics.jsonl"
 # Participants whose status says one of these are not waited for.
 _ABSENT_STATES = ("offline", "paused-hot")
+# Update senders whose partial transfers are tracked at once; bounds memory if a
+# misconfigured or hostile client invents node names.
+_MAX_SENDERS = 1024
 
 
 @dataclass
@@ -55,6 +58,14 @@ def round_lr(base: float, round_: int, rounds: int, decay: str) -> float:
     if decay == "none" or rounds <= 1:
         return base
     return base * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / rounds))
+
+
+class RoundFailed(GrbflError):
+    """A round's result was unusable and has been rolled back."""
+
+
+# Rounds in a row that may fail before the aggregator gives up.
+_ROUND_TRIES = 3
 
 
 class Aggregator(Node):
@@ -85,6 +96,8 @@ class Aggregator(Node):
             seed=cfg.model.seed,
         )
         self.peers: dict[str, Peer] = {}
+        self.senders: dict[str, Peer] = {}
+        self._warned: set[tuple[str, str]] = set()
         self.collection: Collection | None = None
         self.changed = asyncio.Event()
         self.model_parts = 0
@@ -114,7 +127,11 @@ class Aggregator(Node):
             await self._on_update_part(node, payload)
 
     async def _on_update_part(self, node: str, payload: bytes) -> None:
-        peer = self.peers.setdefault(node, Peer(state="idle"))
+        # Presence comes from status messages only: a stray update must not make
+        # the aggregator wait for a node that never said it was there.
+        peer = self.senders.setdefault(node, Peer())
+        if len(self.senders) > _MAX_SENDERS:
+            self.senders.pop(next(iter(self.senders)))
         if peer.reassembler is None:
             peer.reassembler = wire.Reassembler(self.config.broker.max_payload_bytes)
         if not peer.first_part_at:
@@ -143,13 +160,22 @@ class Aggregator(Node):
         if (
             col is None
             or run != self.run_id
-            or (round_, phase)
-            != (
-                col.round,
-                col.phase,
-            )
+            or (round_, phase) != (col.round, col.phase)
         ):
-            log.debug("ignoring %s for run %s round %d %s", where, run, round_, phase)
+            # Late answers to an earlier round are normal after a retry; another
+            # run or a future round means a confused node: say so, once.
+            if run == self.run_id and col is not None and round_ <= col.round:
+                log.debug("ignoring a late %s for round %d %s", where, round_, phase)
+            elif (node, run) not in self._warned:
+                self._warned.add((node, run))
+                log.warning(
+                    "ignoring %s for run %s round %d (current: run %s round %s)",
+                    where,
+                    run,
+                    round_,
+                    self.run_id,
+                    col.round if col else "-",
+                )
             return
         if node in col.contributions:
             log.debug("ignoring a repeated %s for round %d", where, round_)
@@ -193,6 +219,17 @@ class Aggregator(Node):
                 f"checkpoint {path} is unreadable ({exc}); move it away to start a "
                 "new run"
             ) from exc
+        if done < 0 or done > self.config.rounds.rounds:
+            raise GrbflError(
+                f"checkpoint {path} says round {done}, outside 0.."
+                f"{self.config.rounds.rounds}; move it away to start a new run"
+            )
+        saved_classes = saved.get("classes")
+        if saved_classes is not None and list(saved_classes) != list(self.classes):
+            raise GrbflError(
+                f"checkpoint {path} was made for other classes than data.classes; "
+                "move it away to start a new run"
+            )
         if strategy != self.strategy.name:
             raise GrbflError(
                 f"checkpoint {path} belongs to strategy {strategy!r} but the config "
@@ -272,7 +309,14 @@ class Aggregator(Node):
     async def _wait_for_participants(self) -> None:
         need = self.config.rounds.min_participants
         last_log = 0.0
+        timeout = self.config.rounds.start_timeout_s
+        started = time.monotonic()
         while len(self._present()) < need:
+            if timeout and time.monotonic() - started > timeout:
+                raise GrbflError(
+                    f"only {len(self._present())} of rounds.min_participants = {need} "
+                    f"participants online after rounds.start_timeout_s = {timeout:.0f}"
+                )
             if time.monotonic() - last_log > 30:
                 log.info(
                     "waiting for participants: %d of %d online",
@@ -350,8 +394,17 @@ class Aggregator(Node):
 
         for round_ in range(done + 1, cfg.rounds.rounds + 1):
             self.round = round_
-            await self._wait_for_participants()
-            await self._run_round(round_)
+            for _ in range(_ROUND_TRIES):
+                await self._wait_for_participants()
+                try:
+                    await self._run_round(round_)
+                    break
+                except RoundFailed as exc:
+                    log.error("%s; discarded, running it again", exc)
+            else:
+                raise GrbflError(
+                    f"round {round_} failed {_ROUND_TRIES} times in a row; stopping"
+                )
 
         await self._publish_run(cfg.rounds.rounds, "done", 0, time.time(), None)
         await self.set_state("done")
@@ -382,6 +435,7 @@ class Aggregator(Node):
             "aggregation": 0.0,
         }
         nodes: set[str] = set()
+        before = self.strategy.global_state()
         for phase in self.strategy.phases:
             await self.set_state("waiting")
             col, model_bytes, attempt = await self._collect(round_, phase)
@@ -418,6 +472,11 @@ class Aggregator(Node):
             self.strategy.evaluate, self.test_x, self.test_y
         )
         phase_seconds["evaluation"] = time.perf_counter() - t0
+        if not (math.isfinite(loss) and self.strategy.is_finite()):
+            # Never checkpoint or publish a broken model: put the last good one
+            # back and let the caller run the round again.
+            load_numpy_state(self.strategy.model, before)
+            raise RoundFailed(f"round {round_} produced a non-finite model")
         await asyncio.to_thread(self._save_checkpoint, round_)
         phase_seconds["round"] = time.perf_counter() - started
         record.update(

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -85,16 +86,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         keep=args.workdir is not None,
     )
+    # SIGTERM (systemd, timeout, kill) stops the federation like Ctrl-C does:
+    # every process started, the broker included, is stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     result = simulate(opts)
     result["command"] = "grbfl " + " ".join(sys.argv[1:])
     print(format_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.json)
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(args.json)
+        except OSError as exc:
+            raise GrbflError(f"--json {args.json}: cannot write: {exc}") from exc
         print(f"results written to {args.json}")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _cmd_balls(args: argparse.Namespace) -> int:

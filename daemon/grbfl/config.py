@@ -7,6 +7,7 @@ operator can fix a Pi's config from the journal alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ MODELS = ("cnn", "resnet18")
 # MQTT topic levels may not hold wildcards or separators; keeping ids to a small
 # alphabet also keeps them safe as file names and ACL patterns.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Class names are folder names: no separators, no control characters.
+_CLASS_PATTERN = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ def _coerce(source: str, key: str, value: Any, annotation: str) -> Any:
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail("a number")
+        if not math.isfinite(value):
+            raise fail("a finite number")
         return float(value)
     raise fail(annotation)  # pragma: no cover - a field type this module lacks
 
@@ -299,6 +304,19 @@ def _check_relations(config: Config) -> None:
             + ("test images" if config.node.role == "aggregator" else "local images")
             + " folder)"
         )
+    for name in config.data.classes:
+        if not _CLASS_PATTERN.match(name) or name in (".", ".."):
+            raise ConfigError(
+                f"{source}: data.classes has {name!r}: a class is a folder name "
+                "directly under data.dir, without '/' or control characters"
+            )
+    if not config.broker.host.strip():
+        raise ConfigError(f"{source}: broker.host is empty: name the broker's host")
+    if config.broker.max_payload_bytes < config.broker.chunk_bytes:
+        raise ConfigError(
+            f"{source}: broker.max_payload_bytes = {config.broker.max_payload_bytes} "
+            f"must be at least broker.chunk_bytes = {config.broker.chunk_bytes}"
+        )
     if config.health.resume_at_c >= config.health.pause_at_c:
         raise ConfigError(
             f"{source}: health.resume_at_c = {config.health.resume_at_c} must be "
@@ -330,6 +348,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: no such configuration file") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -11,12 +11,13 @@ import asyncio
 import logging
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
 from .config import BrokerConfig
-from .errors import BrokerError, WireError
+from .errors import BrokerError, ConfigError, WireError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # so a Pi waiting out a long broker outage does not hammer it.
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
+# A connection that lasts this long counts as healthy and resets the backoff.
+STABLE_S = 10.0
 
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 
@@ -60,17 +63,30 @@ class Link:
         self.bytes_out = 0
         self._client: aiomqtt.Client | None = None
         self._ever_connected = False
+        self._quick_drops = 0
 
     def _make_client(self) -> aiomqtt.Client:
         tls_context = None
         if self.broker.tls_ca or self.broker.tls_cert:
-            tls_context = ssl.create_default_context(
-                cafile=str(self.broker.tls_ca) if self.broker.tls_ca else None
-            )
-            if self.broker.tls_cert and self.broker.tls_key:
-                tls_context.load_cert_chain(
-                    str(self.broker.tls_cert), str(self.broker.tls_key)
+            try:
+                tls_context = ssl.create_default_context(
+                    cafile=str(self.broker.tls_ca) if self.broker.tls_ca else None
                 )
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"broker.tls_ca = '{self.broker.tls_ca}' is not a usable CA "
+                    f"certificate: {exc}"
+                ) from exc
+            if self.broker.tls_cert and self.broker.tls_key:
+                try:
+                    tls_context.load_cert_chain(
+                        str(self.broker.tls_cert), str(self.broker.tls_key)
+                    )
+                except (ssl.SSLError, OSError) as exc:
+                    raise ConfigError(
+                        f"broker.tls_cert / broker.tls_key = '{self.broker.tls_cert}'"
+                        f", '{self.broker.tls_key}' are not a usable key pair: {exc}"
+                    ) from exc
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
@@ -90,6 +106,7 @@ class Link:
     async def run(self) -> None:
         """Stay connected until cancelled, dispatching every message to handler."""
         delays = backoff_delays()
+        connected_at = 0.0
         while True:
             client = self._make_client()
             try:
@@ -104,7 +121,7 @@ class Link:
                         self.broker.port,
                     )
                     self._ever_connected = True
-                    delays = backoff_delays()
+                    connected_at = time.monotonic()
                     self.connected.set()
                     if self.on_connect is not None:
                         asyncio.get_running_loop().create_task(
@@ -119,13 +136,27 @@ class Link:
                             message.topic.value, bytes(payload), bool(message.retain)
                         )
             except aiomqtt.MqttError as exc:
+                # Only a connection that held for a while resets the backoff, so
+                # a broker that keeps kicking us out is not hammered.
+                if connected_at and time.monotonic() - connected_at > STABLE_S:
+                    delays = backoff_delays()
+                elif connected_at:
+                    self._quick_drops += 1
+                connected_at = 0.0
                 delay = next(delays)
+                hint = ""
+                if self._quick_drops >= 3:
+                    hint = (
+                        f"; dropped right after connecting {self._quick_drops} times: "
+                        f"is another device using client id {self.client_id}?"
+                    )
                 log.warning(
-                    "broker %s:%d unreachable (%s); retrying in %.1f s",
+                    "broker %s:%d unreachable (%s); retrying in %.1f s%s",
                     self.broker.host,
                     self.broker.port,
                     exc,
                     delay,
+                    hint,
                 )
                 self.connected.clear()
                 self._client = None

@@ -101,7 +101,10 @@ class Node:
             log.debug("state %s -> %s", self.state, state)
         self.state = state
         self.notifier.status(f"{state}; run {self.run_id}; round {self.round}")
-        await self.publish_status()
+        # While the broker is away the state is only recorded: on_connect
+        # publishes it, and work such as loading data goes on meanwhile.
+        if self.link.connected.is_set():
+            await self.publish_status()
 
     async def publish_status(self) -> None:
         await self.link.publish(
@@ -154,7 +157,7 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
-        self.spawn("link", self.link.run())
+        link = self.spawn("link", self.link.run())
         self.spawn("health", self._health_loop())
         interval = self.notifier.watchdog_interval()
         if interval:
@@ -172,10 +175,12 @@ class Node:
         )
 
         try:
-            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({main, stop, link}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             await self.shutdown(main)
+        if link.done() and not link.cancelled() and link.exception() is not None:
+            raise link.exception()  # type: ignore[misc]
 
     async def shutdown(self, main: asyncio.Task[Any]) -> None:
         """Cancel background work in one place and say goodbye on the broker."""

@@ -46,6 +46,7 @@ class Participant(Node):
         self.data: LocalData | None = None
         # Set when the aggregator announces that the run is over.
         self._finished = False
+        self._refused_runs: set[str] = set()
 
     def subscriptions(self) -> list[str]:
         return [self.topics.run, self.topics.model_all]
@@ -56,14 +57,26 @@ class Participant(Node):
                 return
             body = wire.decode_json(payload)
             if body.get("phase") == "done":
-                self.order = None
-                self.run_id = (
-                    body.get("run") if isinstance(body.get("run"), str) else None
-                )
-                self._finished = True
-                self.wake.set()
+                # Only the end of a run we took part in ends our work; a retained
+                # "done" from an earlier run on the same broker must not.
+                if self.run_id is not None and body.get("run") == self.run_id:
+                    self.order = None
+                    self._finished = True
+                    self.wake.set()
                 return
             order = Order.parse(body)
+            if order.classes != self.config.data.classes:
+                if order.run not in self._refused_runs:
+                    self._refused_runs.add(order.run)
+                    log.error(
+                        "run %s uses classes %s but data.classes in %s is %s; "
+                        "not taking part until they match",
+                        order.run,
+                        list(order.classes)[:5],
+                        self.config.source,
+                        list(self.config.data.classes)[:5],
+                    )
+                return
             self.order = order
             self._finished = False
             if self.working_key is not None and self.working_key != order.key:
@@ -205,8 +218,14 @@ class Participant(Node):
                 self.state_dir / "cache",
                 self.stop_work,
             )
-        except GrbflError as exc:
-            log.error("round %d %s failed: %s", order.round, order.phase, exc)
+        except Exception as exc:  # noqa: BLE001 - one bad order must not kill us
+            # Marked as answered so a retained order that cannot work is not
+            # retried in a loop; a new announcement gets a new try.
+            self.answered_announce.add(order.announce)
+            if isinstance(exc, GrbflError):
+                log.error("round %d %s failed: %s", order.round, order.phase, exc)
+            else:
+                log.exception("round %d %s failed", order.round, order.phase)
             await self.set_state("idle")
             return
         finally:
@@ -247,4 +266,3 @@ class Participant(Node):
     async def _send(self, parts: list[bytes]) -> None:
         for part in parts:
             await self.link.publish(self.topics.updates(self.node_id), part)
-

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,13 @@ import numpy as np
 
 from .broker import PrivateBroker
 from .config import dump_toml
-from .data import discover_classes, export_digits, list_images, partition
+from .data import (
+    discover_classes,
+    export_digits,
+    list_images,
+    parse_partition_scheme,
+    partition,
+)
 from .errors import GrbflError
 from .topics import Topics
 
@@ -216,7 +224,15 @@ def prepare(
         raise GrbflError(f"{train_dir}: no images found in class folders")
     labels = np.array([label for _, label in files], dtype=np.int64)
     chosen = _subset(labels, opts.limit, opts.seed)
-    parts = partition(labels[chosen], opts.participants, opts.partition, opts.seed)
+    if len(chosen) < opts.participants:
+        raise GrbflError(
+            f"{len(chosen)} training images cannot be split among "
+            f"{opts.participants} participants"
+        )
+    try:
+        parts = partition(labels[chosen], opts.participants, opts.partition, opts.seed)
+    except ValueError as exc:
+        raise GrbflError(f"--partition {opts.partition}: {exc}") from exc
 
     threads = max(1, (os.cpu_count() or 1) // opts.participants)
     configs: dict[str, Path] = {}
@@ -278,14 +294,16 @@ class Progress:
         if not self.quiet:
             print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
 
-    def on_status(self, node: str, body: dict[str, Any]) -> None:
+    def on_status(self, node: str, body: Any) -> None:
         """Print the federation's states when the aggregator moves on, and at most
         every PROGRESS_EVERY_S seconds otherwise, so long rounds show life without
         a line per message."""
+        if not isinstance(body, dict):
+            return
         previous = self.states.get(node)
-        self.states[node] = str(body.get("state"))
-        if node == "aggregator":
-            self.round = int(body.get("round") or 0)
+        self.states[node] = str(body.get("state"))[:20]
+        if node == "aggregator" and isinstance(body.get("round"), int):
+            self.round = body["round"]
         line = "  ".join(f"{n}:{s}" for n, s in sorted(self.states.items()))
         now = time.monotonic()
         aggregator_moved = node == "aggregator" and previous != self.states[node]
@@ -296,13 +314,19 @@ class Progress:
             self.last_print = now
             self.say(f"round {self.round}/{self.total}  {line}")
 
-    def on_metrics(self, body: dict[str, Any]) -> None:
+    def on_metrics(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
         self.metrics.append(body)
-        up_mb = body.get("bytes_up", 0) / 1e6
-        seconds = body.get("seconds", {}).get("round", 0)
+        try:
+            up_mb = float(body.get("bytes_up", 0)) / 1e6
+            seconds = float(body.get("seconds", {}).get("round", 0))
+            accuracy = float(body.get("accuracy", 0))
+        except (TypeError, ValueError, AttributeError):
+            return  # not ours to judge; the aggregator's own file is what counts
         self.say(
             f"round {body.get('round')}/{self.total} done: accuracy "
-            f"{body.get('accuracy', 0):.4f}, {up_mb:.2f} MB up, {seconds:.1f} s"
+            f"{accuracy:.4f}, {up_mb:.2f} MB up, {seconds:.1f} s"
         )
 
 
@@ -378,10 +402,7 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
     fed: Federation | None = None
     try:
         if opts.broker:
-            host, _, port_text = opts.broker.rpartition(":")
-            if not host or not port_text.isdigit():
-                raise GrbflError(f"--broker {opts.broker!r}: expected HOST:PORT")
-            port = int(port_text)
+            host, port = parse_broker(opts.broker)
         else:
             broker = PrivateBroker(workdir / "broker").start()
             host, port = broker.host, broker.port
@@ -512,11 +533,65 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
     return summarise(opts, records, time.monotonic() - started)
 
 
-def simulate(opts: SimOptions) -> dict[str, Any]:
+def check_options(opts: SimOptions) -> None:
+    """Refuse bad options before anything starts, each with a one-line reason."""
     if opts.participants < 1:
         raise GrbflError("--participants must be at least 1")
     if opts.rounds < 1:
         raise GrbflError("--rounds must be at least 1")
+    if opts.limit < 0:
+        raise GrbflError(f"--limit {opts.limit}: must be 0 (all) or a positive count")
+    for flag, value in (
+        ("--lr", opts.lr),
+        ("--variance-threshold", opts.variance_threshold),
+        ("--deadline", opts.deadline_s),
+    ):
+        if (
+            not math.isfinite(value)
+            or value < 0
+            or (flag != "--variance-threshold" and value == 0)
+        ):
+            raise GrbflError(f"{flag} {value}: must be a finite positive number")
+    for flag, count in (
+        ("--local-epochs", opts.local_epochs),
+        ("--batch-size", opts.batch_size),
+        ("--n-clusters", opts.n_clusters),
+        ("--min-size", opts.min_size),
+        ("--server-samples", opts.server_samples),
+        ("--server-epochs", opts.server_epochs),
+    ):
+        if count < 1:
+            raise GrbflError(f"{flag} {count}: must be at least 1")
+    try:
+        parse_partition_scheme(opts.partition)
+    except ValueError as exc:
+        raise GrbflError(f"--partition: {exc}") from exc
+    if opts.workdir is not None and opts.workdir.exists() and not opts.workdir.is_dir():
+        raise GrbflError(f"--workdir {opts.workdir}: exists and is not a folder")
+    if opts.json_path is not None:
+        if opts.json_path.is_dir():
+            raise GrbflError(f"--json {opts.json_path}: is a folder; name a file")
+        parent = opts.json_path.parent
+        if parent.exists() and not parent.is_dir():
+            raise GrbflError(f"--json {opts.json_path}: {parent} is not a folder")
+    if opts.broker:
+        host, port = parse_broker(opts.broker)
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                pass
+        except OSError as exc:
+            raise GrbflError(f"--broker {opts.broker}: cannot connect: {exc}") from exc
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    host, _, port_text = text.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise GrbflError(f"--broker {text!r}: expected HOST:PORT")
+    return host, int(port_text)
+
+
+def simulate(opts: SimOptions) -> dict[str, Any]:
+    check_options(opts)
     if opts.strategy == "centralized":
         return run_centralized(opts)
     return run_federation(opts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -36,11 +37,15 @@ from .balls import (
     sample_balls,
 )
 from .errors import WireError
-from .models import GrbflNet, build_model, head_keys
+from .models import MODEL_NAMES, GrbflNet, build_model, head_keys
 from .training import TrainSettings, embed, evaluate, train, train_head
 from .weights import load_numpy_state, state_to_numpy
 
 log = logging.getLogger(__name__)
+
+# A participant claiming more samples than this is lying or broken; the cap keeps
+# one update from dominating (or overflowing) the weighted average.
+MAX_SAMPLES = 10**9
 
 PHASES: dict[str, tuple[str, ...]] = {
     "fedavg": ("train",),
@@ -76,6 +81,11 @@ class Order:
         digest = body.get("model_digest")
         if digest is not None and not isinstance(digest, str):
             raise WireError(f"{where}: field 'model_digest' has the wrong type")
+        strategy = wire.require(body, "strategy", str, where)
+        if strategy not in PHASES or phase not in PHASES[strategy]:
+            raise WireError(f"{where}: unknown strategy/phase {strategy}/{phase}")
+        settings = wire.require(body, "settings", dict, where)
+        _check_settings(settings, where)
         return cls(
             run=wire.require(body, "run", str, where),
             round=wire.require(body, "round", int, where),
@@ -83,12 +93,42 @@ class Order:
             attempt=wire.require(body, "attempt", int, where),
             announce=wire.require(body, "announce", str, where),
             deadline=float(wire.require(body, "deadline", (int, float), where)),
-            strategy=wire.require(body, "strategy", str, where),
-            settings=wire.require(body, "settings", dict, where),
+            strategy=strategy,
+            settings=settings,
             model_digest=digest,
             model_name=wire.require(body, "model", str, where),
             classes=tuple(wire.require(body, "classes", list, where)),
         )
+
+
+# What a participant accepts in a run message's settings: (type, low, high).
+_SETTINGS_RANGES: dict[str, tuple[type, float, float]] = {
+    "local_epochs": (int, 1, 1000),
+    "batch_size": (int, 1, 65536),
+    "lr": (float, 1e-8, 10.0),
+    "n_clusters": (int, 1, 1_000_000),
+    "variance_threshold": (float, 0.0, 1e9),
+    "min_size": (int, 1, 1_000_000),
+    "warmup_steps": (int, 0, 1_000_000),
+}
+
+
+def _check_settings(settings: dict[str, Any], where: str) -> None:
+    """Refuse settings a participant could not train with, naming the field."""
+    for key, (kind, low, high) in _SETTINGS_RANGES.items():
+        value = settings.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        whole = isinstance(value, int) or kind is float
+        if not (
+            number
+            and whole
+            and math.isfinite(value)  # type: ignore[arg-type]
+            and low <= value <= high  # type: ignore[operator]
+        ):
+            raise WireError(
+                f"{where}: settings.{key} = {value!r} is not a {kind.__name__} "
+                f"in {low:g}..{high:g}"
+            )
 
 
 def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
@@ -158,8 +198,11 @@ def participant_work(
 
     if model_state is None:
         raise WireError(f"phase {order.phase} needs a model and none arrived")
+    if order.model_name not in MODEL_NAMES:
+        raise WireError(f"run message: unknown model {order.model_name!r}")
     model = build_model(order.model_name, data.num_classes)
-    load_numpy_state(model, model_state)
+    reference = state_to_numpy(model)
+    load_numpy_state(model, wire.check_state(model_state, reference, "model message"))
 
     if order.phase == "train":
         settings = train_settings(order.settings, _seed_for(node, order.round, 17))
@@ -213,9 +256,12 @@ def pixel_balls(
     _, kept, report = build_balls(flat, data.y, data.num_classes, bs)
     seconds = time.perf_counter() - start
     report_dict = report.as_dict()
-    write_atomic(
-        path, wire.encode_cbor({"balls": kept.to_arrays(), "report": report_dict})
-    )
+    try:
+        write_atomic(
+            path, wire.encode_cbor({"balls": kept.to_arrays(), "report": report_dict})
+        )
+    except OSError as exc:
+        log.warning("cannot cache balls in %s (%s); they are still shared", path, exc)
     return kept, report_dict, seconds
 
 
@@ -290,16 +336,19 @@ class ServerStrategy:
         """Check every field and array of an update before it is used."""
         where = f"update from {node}"
         samples = wire.require(body, "samples", int, where)
-        if samples <= 0:
-            raise WireError(f"{where}: samples must be positive")
+        if not 0 < samples <= MAX_SAMPLES:
+            raise WireError(f"{where}: samples = {samples} is not in 1..{MAX_SAMPLES}")
         timings_raw = body.get("timings", {})
         if not isinstance(timings_raw, dict):
             raise WireError(f"{where}: timings must be a map")
-        timings = {
-            str(k): float(v)
-            for k, v in timings_raw.items()
-            if isinstance(v, int | float) and np.isfinite(v)
-        }
+        timings = {}
+        for key, value in timings_raw.items():
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError, OverflowError):
+                continue
+            if math.isfinite(seconds) and 0 <= seconds < 1e7:
+                timings[str(key)] = seconds
         contribution = Contribution(node, samples, timings, nbytes)
 
         reference = self.expected_weights(phase)
@@ -392,6 +441,13 @@ class ServerStrategy:
         info["server_train_s"] = time.perf_counter() - start - stats.seconds
         info["aggregate_s"] = time.perf_counter() - start
         return info
+
+    def is_finite(self) -> bool:
+        return all(
+            np.isfinite(v).all()
+            for v in self.global_state().values()
+            if v.dtype.kind == "f"
+        )
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return evaluate(self.model, x, y)

@@ -52,6 +52,9 @@ _TAG_DTYPES = {
 MAX_DEPTH = 12
 # Longest dimension list an array may claim (ResNet conv weights have four).
 _MAX_NDIM = 8
+# No weight or BatchNorm statistic of a trained image classifier comes near this;
+# a larger value is a broken or hostile update that would poison the average.
+MAX_WEIGHT = 1e5
 # Transfers that stay incomplete this long are dropped to bound memory.
 STALE_TRANSFER_S = 600.0
 
@@ -317,8 +320,13 @@ def check_state(
                 f"{where}: weight {name!r} is {value.dtype}{list(value.shape)}, "
                 f"expected {ref.dtype}{list(ref.shape)}"
             )
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise WireError(f"{where}: weight {name!r} holds NaN or infinity")
+        if value.dtype.kind == "f":
+            if not np.isfinite(value).all():
+                raise WireError(f"{where}: weight {name!r} holds NaN or infinity")
+            if value.size and float(np.abs(value).max()) > MAX_WEIGHT:
+                raise WireError(
+                    f"{where}: weight {name!r} has a value above {MAX_WEIGHT:g}"
+                )
     return state
 
 
