@@ -22,18 +22,20 @@ setup: system-packages $(STAMP)
 
 system-packages:
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
-	   || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
-	  echo "installing mosquitto and python3-venv from the distribution"; \
+	   || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
+	   || ! dpkg -s libsystemd-dev pkg-config >/dev/null 2>&1; then \
+	  echo "installing mosquitto, python3-venv and libsystemd-dev from the distribution"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    mosquitto mosquitto-clients python3-venv python3-pip; \
+	    mosquitto mosquitto-clients python3-venv python3-pip python3-dev \
+	    gcc pkg-config libsystemd-dev; \
 	fi
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,systemd]'
 	touch $(STAMP)
 
 run: setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,259 @@ def test_more_parts_than_samples_raises() -> None:
     """Five samples cannot fill six non-empty parts."""
     with pytest.raises(ValueError, match="6"):
         partition(np.zeros(5), 6, "iid", seed=0)
+
+
+# --- hostile or damaged input ----------------------------------------------------
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds one tiny compressed row.
+
+    PIL refuses or warns about an image by its declared size, at open; building the
+    real 400-Mpixel file would take seconds and gigabytes.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 4))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_dangling_link_is_skipped_with_one_warning_and_the_cache_still_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link to a deleted photo costs one image, with or without a cache."""
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    _solid("RGB", RED).save(root / "cat" / "a.png")
+    (root / "cat" / "b_gone.png").symlink_to(root / "cat" / "deleted.png")
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.data"):
+        plain = load_image_folder(root, ("cat",))
+        cached = load_image_folder(root, ("cat",), cache_dir=tmp_path / "cache")
+        again = load_image_folder(root, ("cat",), cache_dir=tmp_path / "cache")
+
+    assert len(plain) == len(cached) == len(again) == 1
+    warned = [r for r in caplog.records if "b_gone.png" in r.getMessage()]
+    assert len(warned) == 2  # one per decoding load; the cached load decodes nothing
+
+
+def test_decompression_bomb_is_skipped_like_an_unreadable_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PNG that claims 20000x20000 pixels is one skipped file, not a crash."""
+    (tmp_path / "cat").mkdir()
+    _solid("RGB", RED).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "b_bomb.png").write_bytes(_png_header_only(20000, 20000))
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.data"):
+        images = load_image_folder(tmp_path, ("cat",))
+
+    assert len(images) == 1
+    (warned,) = [r for r in caplog.records if "b_bomb.png" in r.getMessage()]
+    assert "decompression bomb" in warned.getMessage()
+
+
+def test_large_images_do_not_print_pil_decompression_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above PIL's warning size each image still loads, and PIL stays silent."""
+    import warnings
+
+    (tmp_path / "cat").mkdir()
+    for size in (40, 41, 42):
+        _solid("RGB", RED, size=(size, size)).save(tmp_path / "cat" / f"{size}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # warns from 32x32 on
+
+    with warnings.catch_warnings(record=True) as caught:
+        images = load_image_folder(tmp_path, ("cat",))
+
+    assert len(images) == 3
+    assert not [w for w in caught if w.category is Image.DecompressionBombWarning]
+
+
+@pytest.mark.parametrize(
+    "bad", ["..", ".", "", "/etc", "../images", "a/b", "a\\b", "nul\0l"]
+)
+def test_class_that_is_not_one_folder_name_raises_naming_it(
+    image_root: Path, bad: str
+) -> None:
+    """A class list from elsewhere cannot point the loader outside the data folder."""
+    with pytest.raises(DataError, match=f"class {re.escape(repr(bad))} is not a"):
+        load_image_folder(image_root, ("dog", bad))
+
+
+def test_links_leading_outside_the_data_folder_are_skipped(
+    image_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither a linked class folder nor a linked file is read from outside root."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    _solid("RGB", RED).save(secret / "private.png")
+    (image_root / "dog" / "e_link.png").symlink_to(secret / "private.png")
+    (image_root / "frog").symlink_to(secret)
+    (image_root / "bird" / "b_inside.png").symlink_to(image_root / "dog" / "b_grey.png")
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.data"):
+        listing = [rel for rel, _ in list_images(image_root, CLASSES)]
+
+    assert "dog/e_link.png" not in listing
+    assert not [rel for rel in listing if rel.startswith("frog/")]
+    assert "bird/b_inside.png" in listing  # a link within root is fine
+    assert any("2 link(s)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", ["../x.png", "dog/../../x.png", "/etc/passwd.png"])
+def test_requested_file_outside_the_data_folder_raises_naming_it(
+    image_root: Path, bad: str
+) -> None:
+    """A files list entry that escapes root is refused, not looked up."""
+    with pytest.raises(DataError, match=re.escape(repr(bad))):
+        load_image_folder(image_root, CLASSES, files=["dog/b_grey.png", bad])
+
+
+def _cache_file(cache: Path) -> Path:
+    (path,) = cache.glob("*.npz")
+    return path
+
+
+def _rewrite_cache(path: Path, **changes: object) -> None:
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    arrays.update(changes)
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"labels": np.array([0, 0, 0, 0, 99, 1, 1, 2])},
+        {"labels": np.zeros(8, np.float32)},
+        {"images": np.zeros((3, 32, 32, 3), np.uint8)},
+        {"images": np.zeros((8, 32, 32), np.uint8)},
+        {"images": np.zeros((8, 32, 32, 3), np.float32)},
+        {"index": np.array([0, 1, 2, 3, 5, 4, 6, 7])},
+        {"index": np.arange(1, 9)},
+        {"requested": np.int64(400)},
+    ],
+    ids=["label-99", "float-labels", "3-images", "no-channels", "float-images",
+         "index-order", "index-range", "count"],
+)  # fmt: skip
+def test_damaged_cache_is_decoded_again_with_a_warning(
+    image_root: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: dict[str, np.ndarray],
+) -> None:
+    """A cache that disagrees with the folder is never used."""
+    cache = tmp_path / "cache"
+    first = load_image_folder(image_root, CLASSES, cache_dir=cache)
+    _rewrite_cache(_cache_file(cache), **damage)
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.data"):
+        second = load_image_folder(image_root, CLASSES, cache_dir=cache)
+
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    assert any("ignoring image cache" in r.getMessage() for r in caplog.records)
+
+
+def test_cache_of_another_file_list_is_not_used(
+    image_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache copied over this load's name (3 of 9 files) is decoded again."""
+    small, full = tmp_path / "small", tmp_path / "full"
+    three = ["dog/a_rgb.jpg", "dog/b_grey.png", "cat/a_palette.png"]
+    load_image_folder(image_root, CLASSES, files=three, cache_dir=small)
+    load_image_folder(image_root, CLASSES, cache_dir=full)
+    _cache_file(small).replace(_cache_file(full))
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.data"):
+        images = load_image_folder(image_root, CLASSES, cache_dir=full)
+
+    assert len(images) == 8
+    assert any("made for 3 files, not 9" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 torn", b"not a zip at all"])
+def test_unreadable_cache_file_is_decoded_again(
+    image_root: Path, tmp_path: Path, content: bytes
+) -> None:
+    """Truncated or foreign bytes in the cache never fail the load."""
+    cache = tmp_path / "cache"
+    load_image_folder(image_root, CLASSES, cache_dir=cache)
+    _cache_file(cache).write_bytes(content)
+
+    assert len(load_image_folder(image_root, CLASSES, cache_dir=cache)) == 8
+
+
+def test_cache_without_an_index_from_an_older_version_is_replaced(
+    image_root: Path, tmp_path: Path
+) -> None:
+    """A cache written before the index existed is decoded again and rewritten."""
+    cache = tmp_path / "cache"
+    load_image_folder(image_root, CLASSES, cache_dir=cache)
+    path = _cache_file(cache)
+    with np.load(path) as npz:
+        old = {"images": npz["images"], "labels": npz["labels"]}
+    with path.open("wb") as fh:
+        np.savez(fh, **old)
+
+    load_image_folder(image_root, CLASSES, cache_dir=cache)
+
+    with np.load(_cache_file(cache)) as npz:
+        assert {"index", "requested"} <= set(npz.files)
+
+
+# --- random subsets --------------------------------------------------------------
+
+
+def _labelled(counts: list[int]) -> ImageSet:
+    labels = np.repeat(np.arange(len(counts)), counts)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None]
+    images = np.broadcast_to(images, (len(labels), 32, 32, 3)).copy()
+    return ImageSet(images, labels, tuple(f"c{i}" for i in range(len(counts))))
+
+
+def test_random_subset_keeps_each_class_in_proportion() -> None:
+    """Sorted files by class: the first 100 would all be c0; the subset is not."""
+    images = _labelled([600, 300, 100])
+
+    subset = data.random_subset(images, 100, seed=0)
+
+    assert len(subset) == 100
+    assert subset.class_counts().tolist() == [60, 30, 10]
+
+
+def test_random_subset_is_random_but_fixed_per_seed() -> None:
+    """Same seed, same images; another seed, other images; the order is kept."""
+    images = _labelled([50, 50])
+
+    first = data.random_subset(images, 10, seed=1)
+    again = data.random_subset(images, 10, seed=1)
+    other = data.random_subset(images, 10, seed=2)
+
+    np.testing.assert_array_equal(first.images, again.images)
+    assert not np.array_equal(first.images, other.images)
+    assert np.all(np.diff(first.images[:, 0, 0, 0].astype(int)) > 0)
+    assert first.images[:, 0, 0, 0].tolist() != list(range(10))
+
+
+def test_random_subset_without_a_limit_keeps_everything() -> None:
+    """0, or a limit at least the size, returns the set itself; negative is refused."""
+    images = _labelled([3, 2])
+
+    assert data.random_subset(images, 0, seed=0) is images
+    assert data.random_subset(images, 5, seed=0) is images
+    with pytest.raises(ValueError, match="-1"):
+        data.random_subset(images, -1, seed=0)

@@ -18,12 +18,14 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from grbfl.errors import DataError
 
@@ -54,6 +56,8 @@ _PROGRESS_EVERY = 1000
 
 # Bumped whenever the decoding below changes, so that old caches are not reused.
 _CACHE_VERSION = 1
+# What a cache file holds; one that lacks any of these is decoded again.
+_CACHE_ARRAYS = ("images", "labels", "index", "requested")
 
 # export_digits: 80/20 stratified split with a fixed seed, the same on every machine.
 _DIGITS_TEST_SHARE = 0.2
@@ -107,15 +111,42 @@ def discover_classes(root: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+def check_class_names(root: Path, classes: Sequence[str]) -> None:
+    """DataError naming the first class that is not one folder name under root.
+
+    The class list may come from a federation's configuration rather than from the
+    local disk; '..', '/etc' or 'a/b' would make the loader read outside root.
+    """
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    for name in classes:
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or any(sep in name for sep in separators)
+        ):
+            raise DataError(
+                f"data folder {root}: class {name!r} is not a folder name directly "
+                "under the data folder (no empty name, '.', '..', '/' or '\\')"
+            )
+
+
+def _inside(path: str, real_root: str) -> bool:
+    """Whether path, with its links followed, lies within real_root."""
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
 def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """(path relative to root, label) of every JPEG and PNG in root's class folders.
 
     Sorted by path. A listed class without a local folder is fine (a device may hold no
-    images of it); a sub-folder that is not a listed class is skipped with one warning.
+    images of it); a sub-folder that is not a listed class is skipped with one warning,
+    and so are links that lead outside root: nothing outside root is ever read.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
+    check_class_names(root, classes)
     label_of = {name: i for i, name in enumerate(classes)}
     if len(label_of) != len(classes):
         raise DataError(f"class list for {root} names a class twice: {list(classes)}")
@@ -135,10 +166,17 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
             len(unknown),
             ", ".join(unknown),
         )
+    # os.walk does not descend into linked folders below a class folder, so only the
+    # class folder itself and linked files can lead outside root: check those.
+    real_root = os.path.realpath(root)
     found: list[tuple[str, int]] = []
+    outside: list[str] = []
     for name, label in label_of.items():
         folder = root / name
         if not folder.is_dir():
+            continue
+        if folder.is_symlink() and not _inside(str(folder), real_root):
+            outside.append(name)
             continue
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -146,8 +184,20 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
             for fname in filenames:
                 if fname.startswith("."):
                     continue
-                if os.path.splitext(fname)[1].lower() in IMAGE_SUFFIXES:
-                    found.append((f"{rel_dir}/{fname}", label))
+                if os.path.splitext(fname)[1].lower() not in IMAGE_SUFFIXES:
+                    continue
+                full = os.path.join(dirpath, fname)
+                if os.path.islink(full) and not _inside(full, real_root):
+                    outside.append(f"{rel_dir}/{fname}")
+                    continue
+                found.append((f"{rel_dir}/{fname}", label))
+    if outside:
+        log.warning(
+            "data folder %s: skipping %d link(s) that lead outside it, e.g. %s",
+            root,
+            len(outside),
+            outside[0],
+        )
     found.sort()
     return found
 
@@ -187,14 +237,24 @@ def _square_resize(img: Image.Image) -> Image.Image:
 def decode_image(path: Path) -> np.ndarray:
     """One image file as uint8 (32, 32, 3) RGB; DataError naming it if unusable."""
     try:
-        with Image.open(path) as img:
+        # PIL warns above 89 Mpixel and refuses above twice that; the refusal skips
+        # the file below. Everything is reduced to 32x32, so the warning tells the
+        # operator nothing and would repeat for every distinct size. (The loader
+        # decodes on one thread, so catch_warnings' process-wide state is safe here.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.format == "JPEG" and min(img.size) > 2 * IMAGE_SIZE:
                 # Let libjpeg scale a large photo down while decoding: much faster.
                 img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
             img.load()
             arr = np.asarray(_square_resize(_to_rgb(img)), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
+    except Exception as exc:
+        # A malformed file trips PIL in many ways: OSError, SyntaxError, EOFError,
+        # struct.error, DecompressionBombError for a huge one. Each costs one image.
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"cannot read image {path}: {reason}") from exc
     if arr.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise DataError(f"image {path} decoded to unexpected shape {arr.shape}")
     return arr
@@ -218,37 +278,85 @@ def _cache_name(
     prefix = "images-" + hashlib.sha256(json.dumps(request).encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for rel, label in listing:
-        st = os.stat(root / rel)
-        h.update(f"\0{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        try:
+            st = os.stat(root / rel)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            # A dangling link or an unreadable entry: decoding will skip it with a
+            # warning; the cache is still keyed on its absence.
+            stamp = "unreadable"
+        h.update(f"\0{rel}\0{label}\0{stamp}".encode())
     return prefix, f"{prefix}-{h.hexdigest()[:16]}.npz"
 
 
-def _load_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _load_cache(
+    path: Path, listing: Sequence[tuple[str, int]]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images, labels) from a cache of this listing; None, with a warning, if unfit.
+
+    A cache holds the decoded images, their labels, their positions in the listing
+    (files that could not be decoded have none) and the listing's length; all of it
+    must agree with the listing, or the folder is decoded again.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
+            missing = sorted(set(_CACHE_ARRAYS) - set(npz.files))
+            if missing:
+                # Most likely written by an earlier grbfl, which stored no index.
+                log.warning(
+                    "ignoring image cache %s: no %s; decoding again",
+                    path,
+                    ", ".join(missing),
+                )
+                return None
             images, labels = npz["images"], npz["labels"]
-    except (OSError, KeyError, ValueError) as exc:
+            index, requested = npz["index"], npz["requested"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("ignoring unreadable image cache %s: %s", path, exc)
         return None
-    if (
-        images.dtype != np.uint8
-        or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
-        or labels.shape != (images.shape[0],)
-        or images.shape[0] > n
-    ):
-        log.warning("ignoring image cache %s: unexpected contents", path)
+
+    n = len(listing)
+    problem = None
+    if requested.shape != () or requested.dtype.kind not in "iu":
+        problem = "no file count"
+    elif int(requested) != n:
+        problem = f"made for {int(requested)} files, not {n}"
+    elif images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        problem = f"images are {images.dtype} {images.shape}"
+    elif not 0 < images.shape[0] <= n:
+        problem = f"{images.shape[0]} images for {n} files"
+    elif index.dtype.kind not in "iu" or index.shape != (images.shape[0],):
+        problem = f"index is {index.dtype} {index.shape}"
+    elif index[0] < 0 or index[-1] >= n or np.any(np.diff(index) <= 0):
+        problem = "index out of order or out of range"
+    elif labels.dtype.kind not in "iu" or labels.shape != index.shape:
+        problem = f"labels are {labels.dtype} {labels.shape}"
+    else:
+        expected = np.fromiter((label for _, label in listing), np.int64, count=n)
+        if not np.array_equal(labels, expected[index]):
+            problem = "labels differ from the class folders"
+    if problem is not None:
+        log.warning("ignoring image cache %s: %s; decoding again", path, problem)
         return None
     return images, labels.astype(np.int64, copy=False)
 
 
-def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+def _write_cache(
+    path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray, n: int
+) -> None:
     """Write the arrays next to path, then rename: a crash never leaves half a cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, images=images, labels=labels)
+                np.savez(
+                    fh,
+                    images=images,
+                    labels=labels,
+                    index=index,
+                    requested=np.int64(n),
+                )
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -276,8 +384,15 @@ def load_image_folder(
     root = Path(root)
     listing = list_images(root, classes)
 
-    # Restrict to the requested files, which must exist in a class folder.
+    # Restrict to the requested files, which must lie in a class folder under root.
     if files is not None:
+        for f in files:
+            rel = Path(f)
+            if not str(f).strip() or rel.is_absolute() or ".." in rel.parts:
+                raise DataError(
+                    f"data folder {root}: requested file {str(f)!r} is not a path "
+                    "inside the data folder"
+                )
         by_path = dict(listing)
         wanted = [Path(f).as_posix() for f in files]
         missing = [f for f in wanted if f not in by_path]
@@ -299,7 +414,7 @@ def load_image_folder(
         prefix, name = _cache_name(root, classes, files, listing)
         cache_path = Path(cache_dir) / name
         if cache_path.is_file():
-            cached = _load_cache(cache_path, len(listing))
+            cached = _load_cache(cache_path, listing)
             if cached is not None:
                 log.debug(
                     "loaded %d images of %s from cache %s",
@@ -311,9 +426,9 @@ def load_image_folder(
                     progress(len(listing), len(listing))
                 return ImageSet(cached[0], cached[1], tuple(classes))
 
-    images, labels = _decode_all(root, listing, progress)
+    images, labels, index = _decode_all(root, listing, progress)
     if cache_path is not None:
-        _write_cache(cache_path, images, labels)
+        _write_cache(cache_path, images, labels, index, len(listing))
 
         # Drop caches of earlier versions of this folder, so a device whose images
         # change does not fill its disk with stale copies.
@@ -327,8 +442,11 @@ def _decode_all(
     root: Path,
     listing: Sequence[tuple[str, int]],
     progress: ProgressFn | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the listed files in order; skip unreadable ones with one warning."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, listing positions) of the files that decode, in order.
+
+    Unreadable files are skipped with one warning.
+    """
     n = len(listing)
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     ok = np.zeros(n, dtype=bool)
@@ -359,9 +477,10 @@ def _decode_all(
             f"data folder {root}: none of its {n} image files could be read"
         )
     labels = np.fromiter((label for _, label in listing), dtype=np.int64, count=n)
+    index = np.flatnonzero(ok).astype(np.int64)
     if ok.all():
-        return images, labels
-    return images[ok], labels[ok]
+        return images, labels, index
+    return images[ok], labels[ok], index
 
 
 def export_digits(dest: Path) -> tuple[Path, Path]:
@@ -493,3 +612,31 @@ def partition(
             donor = int(np.argmax([len(q) for q in parts]))
             parts[p], parts[donor] = parts[donor][-1:], parts[donor][:-1]
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def random_subset(images: ImageSet, limit: int, seed: int) -> ImageSet:
+    """At most limit images, drawn at random but in each class's proportion.
+
+    For data.limit and `grbfl balls --limit`: the first N files of a sorted listing
+    would be the first classes only. Each class's images are shuffled and spread
+    evenly over [0, 1); the limit lowest positions are kept, so every class gets its
+    share within one image. Deterministic for a seed; the order of the kept images is
+    the order they had. limit 0, or one at least the set's size, keeps everything.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be 0 (all) or more, got {limit}")
+    n = len(images)
+    if limit == 0 or limit >= n:
+        return images
+    rng = np.random.default_rng(seed)
+
+    # Position of each image: (its rank within its shuffled class + one random offset
+    # per class) / the class's size.
+    order = rng.permutation(n)
+    shuffled = images.labels[order]
+    position = np.empty(n, dtype=np.float64)
+    for label in np.unique(shuffled):
+        members = np.flatnonzero(shuffled == label)
+        position[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    chosen = order[np.argsort(position, kind="stable")[:limit]]
+    return images.subset(np.sort(chosen))

@@ -132,14 +132,22 @@ class Participant(Node):
                     f"{cfg.source}: data.files_list = '{cfg.data.files_list}': "
                     f"cannot read: {exc.strerror}"
                 ) from exc
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{cfg.source}: data.files_list = '{cfg.data.files_list}': "
+                    "not UTF-8 text"
+                ) from exc
             files = [line for line in text.splitlines() if line.strip()]
-        images = await asyncio.to_thread(
-            load_image_folder,
-            cfg.data.dir,  # type: ignore[arg-type]
-            cfg.data.classes,
-            files=files,
-            cache_dir=self.state_dir / "cache",
-        )
+        try:
+            images = await asyncio.to_thread(
+                load_image_folder,
+                cfg.data.dir,  # type: ignore[arg-type]
+                cfg.data.classes,
+                files=files,
+                cache_dir=self.state_dir / "cache",
+            )
+        except DataError as exc:
+            raise DataError(f"{cfg.source}: data.dir: {exc}") from exc
         if cfg.data.limit and len(images) > cfg.data.limit:
             images = images.subset(np.arange(cfg.data.limit))
         if len(images) == 0:

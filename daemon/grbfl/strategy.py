@@ -414,7 +414,11 @@ class ServerStrategy:
         ]
         if len(merged) == 0:
             log.warning(
-                "round %d: no balls cleared the threshold; model unchanged", round_
+                "round %d: no ball cleared variance_threshold = %g with min_size = %d;"
+                " model unchanged (`grbfl balls` shows what each setting keeps)",
+                round_,
+                float(self.settings["variance_threshold"]),
+                int(self.settings["min_size"]),
             )
             info["aggregate_s"] = time.perf_counter() - start
             return info

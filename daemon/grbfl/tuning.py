@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .balls import BallSettings, ball_bytes, find_balls, select_balls
-from .data import discover_classes, export_digits, load_image_folder
+from .data import discover_classes, export_digits, load_image_folder, random_subset
 from .errors import GrbflError
 from .simulate import DEFAULT_CACHE
 
@@ -68,7 +70,58 @@ def sweep(
     return rows
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """GrbflError naming the first option of `grbfl balls` that cannot work.
+
+    Checked before any image is decoded, so a typo costs no clustering time; the
+    --json folder is created here for the same reason.
+    """
+    if not args.clusters:
+        raise GrbflError("--clusters: give at least one value, e.g. 100 or 50,100")
+    for n_clusters in args.clusters:
+        if n_clusters < 1:
+            raise GrbflError(f"--clusters {n_clusters}: each value must be at least 1")
+    if not args.thresholds:
+        raise GrbflError("--thresholds: give at least one value, e.g. 0.01,0.03")
+    for threshold in args.thresholds:
+        if not math.isfinite(threshold) or threshold < 0:
+            raise GrbflError(
+                f"--thresholds {threshold}: each value must be a finite number >= 0"
+            )
+    if args.min_size < 1:
+        raise GrbflError(f"--min-size {args.min_size}: must be at least 1")
+    if args.limit < 0:
+        raise GrbflError(f"--limit {args.limit}: must be 0 (all images) or more")
+    if args.json:
+        path = Path(args.json)
+        if path.is_dir():
+            raise GrbflError(f"--json {path}: is a folder; name a file to write")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GrbflError(
+                f"--json {path}: cannot create its folder: {exc.strerror or exc}"
+            ) from exc
+
+
+def write_json(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON next to path, then rename: never half a file at path."""
+    text = json.dumps(rows, indent=2) + "\n"
+    # A plain open (not mkstemp) so the file gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise GrbflError(f"--json {path}: cannot write: {exc.strerror or exc}") from exc
+
+
 def ball_sweep(args: argparse.Namespace) -> None:
+    check_options(args)
     if args.data is None:
         data_dir, _ = export_digits(DEFAULT_CACHE / "digits")
     else:
@@ -80,12 +133,11 @@ def ball_sweep(args: argparse.Namespace) -> None:
         if args.classes
         else discover_classes(data_dir)
     )
-    if args.min_size < 1:
-        raise GrbflError("--min-size must be at least 1")
     images = load_image_folder(data_dir, classes)
-    if args.limit and len(images) > args.limit:
-        rng = np.random.default_rng(0)
-        images = images.subset(np.sort(rng.permutation(len(images))[: args.limit]))
+
+    # A random draw in each class's proportion: the first N files would be the
+    # first classes only.
+    images = random_subset(images, args.limit, seed=0)
     x = images.as_float().reshape(len(images), -1)
     print(
         f"{data_dir}: {len(images)} images, {len(classes)} classes, "
@@ -106,5 +158,5 @@ def ball_sweep(args: argparse.Namespace) -> None:
             f"{sizes:>17} {r['bytes'] / 1e3:>8.1f}  {r['kept_per_class']}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(Path(args.json), rows)
         print(f"written to {args.json}")

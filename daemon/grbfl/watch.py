@@ -50,10 +50,27 @@ MAX_SENDERS = 256
 # A broker that refuses the first connection is most likely a typo; after that,
 # losses are outages worth waiting out. Keepalive as the daemon's default.
 KEEPALIVE_S = 30
+# A topic may be 65,535 bytes; a federation name is one level of it and this leaves
+# ample room for the levels below while catching a pasted blob.
+MAX_FEDERATION_BYTES = 256
 CONNECT_TIMEOUT_S = 10.0
 
 
 # --- formatting helpers ----------------------------------------------------------
+
+
+def printable(text: str) -> str:
+    """text with every unprintable character shown as a Python escape (\\x1b).
+
+    Node names, states, topic levels and JSON strings come from whoever can publish
+    to the broker; an escape sequence among them could clear or recolour the
+    operator's terminal, a newline could forge a line, a lone surrogate could stop
+    the watcher when printed.
+    """
+    if text.isprintable():
+        return text
+    # repr escapes exactly the characters isprintable rejects.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short(value: Any, width: int = SHORT_ID) -> str:
@@ -214,8 +231,7 @@ def summarise_body(body: Any) -> str:
     timings = body.get("timings")
     if isinstance(timings, Mapping) and timings:
         fields.append(
-            "timings "
-            + ",".join(f"{k}={_num(v, '.2f')}" for k, v in timings.items())
+            "timings " + ",".join(f"{k}={_num(v, '.2f')}" for k, v in timings.items())
         )
     balls = body.get("balls")
     if isinstance(balls, Mapping):
@@ -290,32 +306,35 @@ def summarise(
 
     ``reassemblers`` carries partial transfers from one call to the next; pass the
     same dict for every message of a stream. Never raises: a body that cannot be
-    read is reported as ``undecodable: <reason>``.
+    read is reported as ``undecodable: <reason>``. Unprintable characters from the
+    body come out escaped (see ``printable``).
     """
     if not payload:
         return "cleared"
     now = time.time() if now is None else now
     try:
         if topic_rel.startswith(("model/", "updates/")):
-            return summarise_part(topic_rel, payload, reassemblers, max_payload)
-        kind = _json_kind(topic_rel)
-        body = decode_json(payload)
-        return kind(body, now) if kind else _compact_json(body)
+            text = summarise_part(topic_rel, payload, reassemblers, max_payload)
+        else:
+            kind = _json_kind(topic_rel)
+            body = decode_json(payload)
+            text = kind(body, now) if kind else _compact_json(body)
     except WireError as exc:
-        return f"undecodable: {_reason(exc)}"
+        text = f"undecodable: {_reason(exc)}"
     except Exception as exc:
         # A watcher must outlive any body, including ones that trip this code.
         log.debug("summarising %s failed", topic_rel, exc_info=True)
-        return f"undecodable: {type(exc).__name__}: {_reason(exc)}"
+        text = f"undecodable: {type(exc).__name__}: {_reason(exc)}"
+    return printable(text)
 
 
 def format_line(
     when: float, topic_rel: str, summary: str, *, retained: bool = False
 ) -> str:
-    """Local time, topic under the federation, and the summary."""
+    """Local time, topic under the federation, and the summary, safe to print."""
     stamp = time.strftime("%H:%M:%S", time.localtime(when))
     flag = " (retained)" if retained else ""
-    return f"{stamp} {topic_rel}{flag}  {summary}"
+    return f"{stamp} {printable(topic_rel)}{flag}  {printable(summary)}"
 
 
 def relative_topic(topic: str, federation: str) -> str:
@@ -325,6 +344,21 @@ def relative_topic(topic: str, federation: str) -> str:
 
 
 # --- the connection --------------------------------------------------------------
+
+
+def check_federation(name: str) -> None:
+    """GrbflError unless name is one topic level a subscription can use verbatim."""
+    if (
+        not name
+        or any(c in name for c in "/+#")
+        or not name.isprintable()
+        or len(name.encode()) > MAX_FEDERATION_BYTES
+    ):
+        raise GrbflError(
+            f"--federation {name[:MAX_FEDERATION_BYTES]!r}: a federation name is one "
+            "MQTT topic level: not empty, no '/', '+', '#' or control characters, "
+            f"at most {MAX_FEDERATION_BYTES} bytes"
+        )
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -370,8 +404,9 @@ async def watch(
     """Print every message of a federation until ``args.count`` (0: forever)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    host, port = parse_broker(args.broker)
     federation: str = args.federation
+    check_federation(federation)
+    host, port = parse_broker(args.broker)
     count: int = getattr(args, "count", 0) or 0
     tls_context = _tls_context(args)
     topics = Topics(federation)
@@ -426,10 +461,9 @@ async def watch(
                 raise BrokerError(f"cannot watch {host}:{port}: {exc}") from exc
             delay = next(delays)
             print(
-                f"{_stamp()} lost broker {host}:{port} ({exc}); "
+                f"{_stamp()} lost broker {host}:{port} ({printable(str(exc))}); "
                 f"reconnecting in {delay:.1f} s",
                 file=err,
                 flush=True,
             )
             await asyncio.sleep(delay)
-
