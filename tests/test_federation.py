@@ -78,6 +78,9 @@ def small_options(
         workdir=tmp_path / "sim",
         quiet=True,
         deadline_s=300,
+        # Three short rounds: enough local steps on 480 digits to learn quickly.
+        local_epochs=3,
+        lr=0.02,
     )
     for key, value in overrides.items():
         setattr(opts, key, value)
@@ -154,7 +157,11 @@ def test_aggregator_killed_between_rounds_resumes_the_same_run(
         first_run = recorder.json_on("/metrics")[0]["run"]
         fed.processes["aggregator"].send_signal(signal.SIGKILL)
         fed.processes["aggregator"].wait()
-        assert recorder.json_on("/nodes/aggregator/status")[-1]["state"] == "offline"
+        # The broker publishes the last will once it notices the dead socket.
+        until = time.monotonic() + 10
+        while recorder.json_on("/nodes/aggregator/status")[-1]["state"] != "offline":
+            assert time.monotonic() < until, "no last will after SIGKILL"
+            time.sleep(0.1)
 
         fed.start("aggregator")
         assert fed.processes["aggregator"].wait(timeout=240) == 0, fed.log_tail(

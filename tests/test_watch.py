@@ -19,8 +19,10 @@ from grbfl import wire
 from grbfl.broker import PrivateBroker
 from grbfl.errors import BrokerError, GrbflError
 from grbfl.watch import (
+    check_federation,
     format_line,
     parse_broker,
+    printable,
     relative_topic,
     summarise,
     watch,
@@ -272,6 +274,73 @@ def test_refused_subscription_is_recognised_in_both_protocol_versions() -> None:
     assert _refused([ReasonCode(PacketTypes.SUBACK, identifier=0x87)])
     assert _refused((0x80,))
     assert not _refused((1,))
+
+
+CLEAR_SCREEN = "\u001b[2J"
+
+
+def test_escape_codes_in_a_status_cannot_reach_the_terminal() -> None:
+    """A hostile node name, state or topic level is shown escaped, on one line."""
+    payload = wire.encode_json(
+        {"node": f"p1{CLEAR_SCREEN}", "role": "participant\nforged line",
+         "state": "\u001b[31mred\u009b", "round": 1}
+    )
+    topic = f"nodes/p1{CLEAR_SCREEN}/status"
+
+    line = format_line(NOW, topic, summarise(topic, payload, {}))
+
+    assert line.isprintable()
+    assert "\x1b" not in line and "\n" not in line and "\x9b" not in line
+    assert "nodes/p1\\x1b[2J/status  p1\\x1b[2J participant\\nforged" in line
+    assert "\\x1b[31mred\\x9b round 1" in line
+
+
+def test_every_kind_of_summary_escapes_control_characters() -> None:
+    """Strings reach the line from run, metrics, health, unknown JSON and CBOR."""
+    bad = f"x{CLEAR_SCREEN}\ud800\u202e"  # a lone surrogate: only JSON can carry it
+    odd = f"x{CLEAR_SCREEN}\u202e"
+    update = wire.split(
+        wire.encode_cbor({"node": odd, "round": 1, odd: 2, "w": {odd: np.zeros(2)}}),
+        1 << 20,
+    )[0]
+    messages = [
+        ("run", wire.encode_json({"phase": bad, "strategy": bad, "run": bad})),
+        ("metrics", wire.encode_json({"round": bad, "accuracy": bad})),
+        ("nodes/a/health", wire.encode_json({"throttle": {"now": {bad: True}}})),
+        ("extra", wire.encode_json({bad: bad})),
+        ("updates/a", update),
+    ]
+
+    for topic, payload in messages:
+        summary = summarise(topic, payload, {})
+        assert summary.isprintable(), (topic, summary)
+        assert "\x1b" not in summary, topic
+
+
+def test_printable_leaves_ordinary_text_alone() -> None:
+    """Accents, arrows and spaces are not control characters."""
+    assert printable("Zürich → p1 ok") == "Zürich → p1 ok"
+    assert printable("a\tb\x00") == "a\\tb\\x00"
+
+
+@pytest.mark.parametrize("bad", ["#", "+", "lab/x", "", "a+b", "l#", "x\u001b[2J"])
+def test_federation_that_is_not_one_topic_level_is_refused(bad: str) -> None:
+    """A wildcard or separator would watch other federations or nothing at all."""
+    with pytest.raises(GrbflError, match="--federation"):
+        check_federation(bad)
+
+
+def test_watch_refuses_a_wildcard_federation_before_connecting() -> None:
+    """No broker is contacted: the port below has nobody listening."""
+    from grbfl.broker import free_port
+
+    err = io.StringIO()
+    with pytest.raises(GrbflError, match="--federation '#'") as caught:
+        asyncio.run(watch(_args(free_port(), 1, federation="#"), err=err))
+
+    assert not isinstance(caught.value, BrokerError)
+    assert "\n" not in str(caught.value)
+    assert err.getvalue() == ""
 
 
 # --- against a real broker -------------------------------------------------------

@@ -239,8 +239,8 @@ def decode_image(path: Path) -> np.ndarray:
     try:
         # PIL warns above 89 Mpixel and refuses above twice that; the refusal skips
         # the file below. Everything is reduced to 32x32, so the warning tells the
-        # operator nothing and would repeat for every distinct size. (The loader
-        # decodes on one thread, so catch_warnings' process-wide state is safe here.)
+        # operator nothing and would repeat for every distinct size. catch_warnings
+        # swaps process-wide state; nothing else in grbfl uses it during a load.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)

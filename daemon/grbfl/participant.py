@@ -13,7 +13,7 @@ import torch
 
 from . import wire
 from .config import Config
-from .data import load_image_folder
+from .data import load_image_folder, random_subset
 from .errors import DataError, GrbflError, WireError
 from .node import Node
 from .strategy import LocalData, Order, participant_work
@@ -149,7 +149,7 @@ class Participant(Node):
         except DataError as exc:
             raise DataError(f"{cfg.source}: data.dir: {exc}") from exc
         if cfg.data.limit and len(images) > cfg.data.limit:
-            images = images.subset(np.arange(cfg.data.limit))
+            images = random_subset(images, cfg.data.limit, seed=self.config.model.seed)
         if len(images) == 0:
             raise DataError(f"{cfg.data.dir}: no images to train on")
         counts = np.bincount(images.labels, minlength=len(cfg.data.classes))
