@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,20 @@ def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
     )
 
 
+def embedding_ball_settings(order: Order, feats: np.ndarray) -> BallSettings:
+    """Ball settings for the embedding space, where the threshold is relative.
+
+    Pixels live in [0, 1], so there variance_threshold is an absolute variance.
+    An embedding has no fixed scale (it changes as the extractor trains), so the
+    threshold is taken as a fraction of the mean per-dimension variance of all
+    this participant's embeddings: a ball is shared when its spread is at least
+    that fraction of the data's spread, whatever the units.
+    """
+    settings = ball_settings(order.settings)
+    spread = float(feats.var(axis=0, dtype=np.float64).mean()) if len(feats) else 0.0
+    return replace(settings, variance_threshold=settings.variance_threshold * spread)
+
+
 def ball_settings(settings: dict[str, Any], seed: int = 0) -> BallSettings:
     return BallSettings(
         n_clusters=int(settings["n_clusters"]),
@@ -219,7 +233,7 @@ def participant_work(
         timings["embed_s"] = time.perf_counter() - start
         start = time.perf_counter()
         _, kept, embed_report = build_balls(
-            feats, data.y, data.num_classes, ball_settings(order.settings)
+            feats, data.y, data.num_classes, embedding_ball_settings(order, feats)
         )
         timings["cluster_s"] = time.perf_counter() - start
         body["balls"] = kept.to_arrays()
