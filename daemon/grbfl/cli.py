@@ -79,6 +79,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         n_clusters=args.n_clusters,
         variance_threshold=args.variance_threshold,
         min_size=args.min_size,
+        embedding_variance_threshold=args.embedding_variance_threshold,
         server_samples=args.server_samples,
         server_epochs=args.server_epochs,
         deadline_s=args.deadline,
@@ -223,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--variance-threshold", type=float, default=0.03)
     sim.add_argument("--min-size", type=int, default=5)
+    sim.add_argument(
+        "--embedding-variance-threshold",
+        type=float,
+        default=0.0,
+        help="grbfl: share an embedding ball only above this fraction of a "
+        "class's spread (default 0)",
+    )
     sim.add_argument(
         "--server-samples",
         type=int,

@@ -99,6 +99,10 @@ class StrategyConfig:
     n_clusters: int = 100
     variance_threshold: float = 0.03
     min_size: int = 5
+    # grbfl's embedding balls: share only above this fraction of a class's spread.
+    # Embeddings have no fixed scale, so this is relative; 0 keeps every ball of
+    # at least min_size members, which measured best (README, results).
+    embedding_variance_threshold: float = 0.0
     # Synthetic samples the aggregator draws from the merged balls per epoch.
     server_samples: int = 20_000
     server_epochs: int = 5
@@ -160,6 +164,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "rounds.start_timeout_s": (0.0, None),
     "strategy.n_clusters": (1, 1_000_000),
     "strategy.variance_threshold": (0.0, None),
+    "strategy.embedding_variance_threshold": (0.0, 10.0),
     "strategy.min_size": (1, 1_000_000),
     "strategy.server_samples": (10, 10_000_000),
     "strategy.server_epochs": (1, 1000),

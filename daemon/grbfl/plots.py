@@ -81,8 +81,9 @@ class Results:
 # --- reading ---------------------------------------------------------------------
 
 
-def _field(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str
-           ) -> Any:
+def _field(
+    obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str
+) -> Any:
     """obj[key] checked against kind; GrbflError naming file and key otherwise."""
     name = f"{where}{key}"
     if not isinstance(obj, dict) or key not in obj:
@@ -265,8 +266,9 @@ def plot_thresholds(results: list[Results], out: Path) -> Path | None:
     for key, by_threshold in sorted(series.items()):
         thresholds = sorted(by_threshold)
         acc = [_mean(x.final_accuracy for x in by_threshold[t]) for t in thresholds]
-        mb = [_mean(x.bytes_per_round for x in by_threshold[t]) / 1e6
-              for t in thresholds]
+        mb = [
+            _mean(x.bytes_per_round for x in by_threshold[t]) / 1e6 for t in thresholds
+        ]
         all_mb += mb
         acc_ax.plot(thresholds, acc, marker="o", label=key)
         bytes_ax.plot(thresholds, mb, marker="o", label=key)
@@ -324,8 +326,13 @@ def plot_phases(results: list[Results], labels: list[str], out: Path) -> Path:
             color="lightgrey" if name == "other" else None,
         )
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.set_xticks(positions, labels, rotation=20 if len(results) > 3 else 0,
-                  ha="right" if len(results) > 3 else "center", fontsize="small")
+    ax.set_xticks(
+        positions,
+        labels,
+        rotation=20 if len(results) > 3 else 0,
+        ha="right" if len(results) > 3 else "center",
+        fontsize="small",
+    )
     ax.set_ylabel("seconds per round (mean)")
     ax.set_title("Where a round's time goes")
     ax.grid(True, axis="y", alpha=0.3)

@@ -69,6 +69,7 @@ class SimOptions:
     n_clusters: int = 100
     variance_threshold: float = 0.03
     min_size: int = 5
+    embedding_variance_threshold: float = 0.0
     server_samples: int = 20_000
     server_epochs: int = 5
     deadline_s: float = 1800.0
@@ -142,6 +143,7 @@ def node_config(
             "n_clusters": opts.n_clusters,
             "variance_threshold": opts.variance_threshold,
             "min_size": opts.min_size,
+            "embedding_variance_threshold": opts.embedding_variance_threshold,
             "server_samples": opts.server_samples,
             "server_epochs": opts.server_epochs,
         },
@@ -467,6 +469,7 @@ def summarise(
             "n_clusters": opts.n_clusters,
             "variance_threshold": opts.variance_threshold,
             "min_size": opts.min_size,
+            "embedding_variance_threshold": opts.embedding_variance_threshold,
             "server_samples": opts.server_samples,
             "server_epochs": opts.server_epochs,
         },

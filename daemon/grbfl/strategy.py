@@ -143,18 +143,30 @@ def train_settings(settings: dict[str, Any], seed: int) -> TrainSettings:
     )
 
 
-def embedding_ball_settings(order: Order, feats: np.ndarray) -> BallSettings:
+def embedding_ball_settings(
+    order: Order, feats: np.ndarray, labels: np.ndarray
+) -> BallSettings:
     """Ball settings for the embedding space, where the threshold is relative.
 
     Pixels live in [0, 1], so there variance_threshold is an absolute variance.
-    An embedding has no fixed scale (it changes as the extractor trains), so the
-    threshold is taken as a fraction of the mean per-dimension variance of all
-    this participant's embeddings: a ball is shared when its spread is at least
-    that fraction of the data's spread, whatever the units.
+    An embedding has no fixed scale (it changes as the extractor trains), so it
+    has its own knob, embedding_variance_threshold, taken as a fraction of the
+    spread of a class in this participant's embeddings (the mean per-dimension
+    variance within a class, averaged over its classes): a ball is shared when
+    its spread is at least that fraction of a class's, whatever the units.
     """
     settings = ball_settings(order.settings)
-    spread = float(feats.var(axis=0, dtype=np.float64).mean()) if len(feats) else 0.0
-    return replace(settings, variance_threshold=settings.variance_threshold * spread)
+    fraction = order.settings.get("embedding_variance_threshold", 0.0)
+    if not isinstance(fraction, int | float) or not 0 <= fraction <= 10:
+        raise WireError(f"run message: embedding_variance_threshold = {fraction!r}")
+    labels = np.asarray(labels)
+    spreads = [
+        float(feats[labels == c].var(axis=0, dtype=np.float64).mean())
+        for c in np.unique(labels)
+        if int((labels == c).sum()) > 1
+    ]
+    spread = float(np.mean(spreads)) if spreads else 0.0
+    return replace(settings, variance_threshold=float(fraction) * spread)
 
 
 def ball_settings(settings: dict[str, Any], seed: int = 0) -> BallSettings:
@@ -233,7 +245,10 @@ def participant_work(
         timings["embed_s"] = time.perf_counter() - start
         start = time.perf_counter()
         _, kept, embed_report = build_balls(
-            feats, data.y, data.num_classes, embedding_ball_settings(order, feats)
+            feats,
+            data.y,
+            data.num_classes,
+            embedding_ball_settings(order, feats, data.y),
         )
         timings["cluster_s"] = time.perf_counter() - start
         body["balls"] = kept.to_arrays()
