@@ -17,15 +17,13 @@ run() { name=$1; shift; [ -f "$OUT/$name.json" ] || $G simulate $COMMON "$@" --j
 # All 50,000 training images.
 run cifar-centralized        --strategy centralized
 run cifar-fedavg-iid         --strategy fedavg
-run cifar-grbfl-iid-t0.03    --strategy grbfl --variance-threshold 0.03
+run cifar-grbfl-iid          --strategy grbfl
+# Label skew, on a random 15,000 of the training images to fit one session.
+run cifar15k-fedavg-dir0.5   --strategy fedavg --partition dirichlet:0.5 --limit 15000
+run cifar15k-grbfl-dir0.5    --strategy grbfl --partition dirichlet:0.5 --limit 15000
 # Pixel-space balls: participants cluster once; the aggregator trains on 20,000
 # samples drawn from the merged balls for 2 epochs per round.
 for t in 0.01 0.03 0.1; do
   run cifar-balls-iid-t$t    --strategy balls --variance-threshold $t --server-epochs 2
 done
-# Label skew, on a random 15,000 of the training images to fit the session.
-run cifar15k-fedavg-dir0.5        --strategy fedavg --partition dirichlet:0.5 --limit 15000
-run cifar15k-grbfl-dir0.5-t0.03   --strategy grbfl --partition dirichlet:0.5 --limit 15000
-run cifar15k-fedavg-iid           --strategy fedavg --limit 15000
-run cifar15k-grbfl-iid-t0.03      --strategy grbfl --limit 15000
-$G plot $OUT/cifar-*.json --out $OUT/plots
+$G plot $OUT/cifar*.json --out $OUT/plots
