@@ -21,7 +21,8 @@ endif
 setup: system-packages $(STAMP)
 
 system-packages:
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
+	@if ! command -v mosquitto_sub >/dev/null 2>&1 \
+	   || ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
 	   || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
 	   || ! dpkg -s libsystemd-dev pkg-config >/dev/null 2>&1; then \
 	  echo "installing mosquitto, python3-venv and libsystemd-dev from the distribution"; \

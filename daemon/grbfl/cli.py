@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--local-epochs", type=int, default=1)
     sim.add_argument("--batch-size", type=int, default=64)
-    sim.add_argument("--lr", type=float, default=0.05)
+    sim.add_argument(
+        "--lr", type=float, help="learning rate (default 0.05; 0.02 for the digits)"
+    )
     sim.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,

@@ -42,6 +42,8 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 FEDERATION = "sim"
+DEFAULT_LR = 0.05
+DIGITS_LR = 0.02
 # The daemon's default warm-up (training.warmup_steps), used by the reference run.
 WARMUP_STEPS = 100
 # Seconds between progress lines while nothing but participant states change.
@@ -63,7 +65,8 @@ class SimOptions:
     broker: str | None = None
     local_epochs: int = 1
     batch_size: int = 64
-    lr: float = 0.05
+    # None: 0.05 for the user's images, 0.02 for the small bundled digits.
+    lr: float | None = None
     # None: on for the user's images, off for the bundled digits (not mirror-safe).
     augment: bool | None = None
     n_clusters: int = 100
@@ -84,6 +87,10 @@ def resolve_data(opts: SimOptions) -> tuple[Path, Path]:
     """The training and test folders; the bundled digits when none is given."""
     if opts.augment is None:
         opts.augment = opts.data is not None
+    if opts.lr is None:
+        # 480 digits per participant make 8 steps an epoch: a gentler rate keeps
+        # the first round from diverging on them.
+        opts.lr = DEFAULT_LR if opts.data is not None else DIGITS_LR
     if opts.data is None:
         if opts.test_data is not None:
             raise GrbflError("--test-data needs --data as well")
@@ -417,6 +424,14 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
         for node in fed.configs:
             fed.start(node)
         asyncio.run(supervise(fed, progress))
+    except BaseException:
+        # Nothing ran yet: no logs worth keeping in a folder we made ourselves.
+        if fed is None or not fed.processes:
+            if broker is not None:
+                broker.stop()
+            if opts.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        raise
     finally:
         if fed is not None:
             fed.stop_all()
@@ -513,7 +528,7 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
         settings = TrainSettings(
             epochs=opts.local_epochs,
             batch_size=opts.batch_size,
-            lr=round_lr(opts.lr, round_, opts.rounds, "cosine"),
+            lr=round_lr(opts.lr or DEFAULT_LR, round_, opts.rounds, "cosine"),
             schedule="constant",
             warmup_steps=WARMUP_STEPS,
             augment=bool(opts.augment),
@@ -545,7 +560,7 @@ def check_options(opts: SimOptions) -> None:
     if opts.limit < 0:
         raise GrbflError(f"--limit {opts.limit}: must be 0 (all) or a positive count")
     for flag, value in (
-        ("--lr", opts.lr),
+        ("--lr", DEFAULT_LR if opts.lr is None else opts.lr),
         ("--variance-threshold", opts.variance_threshold),
         ("--deadline", opts.deadline_s),
     ):

@@ -452,6 +452,14 @@ class ServerStrategy:
             info["aggregate_s"] = time.perf_counter() - start
             return info
 
+        log.info(
+            "round %d: training the %s on %d samples from %d merged balls (%d epochs)",
+            round_,
+            "head" if phase == "embed" else "whole model",
+            int(self.settings["server_samples"]),
+            len(merged),
+            int(self.settings["server_epochs"]),
+        )
         rng = np.random.default_rng(self.seed * 7919 + round_)
         n = int(self.settings["server_samples"])
         epochs = int(self.settings["server_epochs"])
