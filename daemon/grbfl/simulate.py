@@ -111,6 +111,18 @@ def _subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(len(labels))[:limit])
 
 
+def ball_options(opts: SimOptions) -> dict[str, Any]:
+    """The [strategy] keys of a simulated federation (also kept in the results)."""
+    return {
+        "n_clusters": opts.n_clusters,
+        "variance_threshold": opts.variance_threshold,
+        "min_size": opts.min_size,
+        "embedding_variance_threshold": opts.embedding_variance_threshold,
+        "server_samples": opts.server_samples,
+        "server_epochs": opts.server_epochs,
+    }
+
+
 def node_config(
     opts: SimOptions,
     *,
@@ -145,15 +157,7 @@ def node_config(
             "deadline_s": opts.deadline_s,
             "min_participants": opts.participants,
         },
-        "strategy": {
-            "name": opts.strategy,
-            "n_clusters": opts.n_clusters,
-            "variance_threshold": opts.variance_threshold,
-            "min_size": opts.min_size,
-            "embedding_variance_threshold": opts.embedding_variance_threshold,
-            "server_samples": opts.server_samples,
-            "server_epochs": opts.server_epochs,
-        },
+        "strategy": {"name": opts.strategy, **ball_options(opts)},
         # Simulated devices share one box: no point pausing on its temperature.
         "health": {"pause_at_c": 150.0, "resume_at_c": 140.0, "interval_s": 30.0},
         "state": {"dir": str(state_dir)},
@@ -481,12 +485,8 @@ def summarise(
         "settings": {
             "batch_size": opts.batch_size,
             "lr": opts.lr,
-            "n_clusters": opts.n_clusters,
-            "variance_threshold": opts.variance_threshold,
-            "min_size": opts.min_size,
-            "embedding_variance_threshold": opts.embedding_variance_threshold,
-            "server_samples": opts.server_samples,
-            "server_epochs": opts.server_epochs,
+            "augment": opts.augment,
+            **ball_options(opts),
         },
         "rounds": rounds,
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
