@@ -1,6 +1,6 @@
 """Print the README's results table from `grbfl simulate --json` files.
 
-    .venv/bin/python bench/results_table.py results/cifar-*.json
+.venv/bin/python bench/results_table.py results/cifar-*.json
 """
 
 from __future__ import annotations
@@ -11,18 +11,26 @@ from pathlib import Path
 
 
 def main(paths: list[str]) -> None:
-    runs = [json.loads(Path(p).read_text()) | {"file": Path(p).name} for p in paths]
-    central = [r for r in runs if r["strategy"] == "centralized"]
-    reference = central[0]["final_accuracy"] if central else None
+    runs = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        if isinstance(data, dict) and "strategy" in data:  # skip `grbfl balls` sweeps
+            runs.append(data)
+    # The gap is only meaningful against a centralized run on the same images.
+    reference = {
+        r["limit"]: r["final_accuracy"] for r in runs if r["strategy"] == "centralized"
+    }
     print(
-        "| strategy | partition | threshold | final accuracy | gap to centralized "
+        "| strategy | images | partition | threshold | final accuracy "
+        "| gap to centralized "
         "| MB per round (up + down) | balls sent / after merge | share kept "
         "| wall time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     order = {"centralized": 0, "fedavg": 1, "grbfl": 2, "balls": 3}
     runs.sort(
         key=lambda r: (
+            -(r["limit"] or 10**9),
             r["partition"],
             order.get(r["strategy"], 9),
             r["settings"]["variance_threshold"],
@@ -32,12 +40,15 @@ def main(paths: list[str]) -> None:
         rounds = r["rounds"]
         mb = sum(x["bytes_up"] + x["bytes_down"] for x in rounds) / len(rounds) / 1e6
         ball_strategy = r["strategy"] in ("grbfl", "balls")
-        threshold = r["settings"]["variance_threshold"] if ball_strategy else "-"
-        gap = (
-            f"{(r['final_accuracy'] - reference) * 100:+.1f} pt"
-            if reference is not None
-            else "-"
-        )
+        if r["strategy"] == "balls":
+            threshold = f"{r['settings']['variance_threshold']} (pixel)"
+        elif r["strategy"] == "grbfl":
+            emb = r["settings"].get("embedding_variance_threshold", 0.0)
+            threshold = f"{emb} (embedding)"
+        else:
+            threshold = "-"
+        ref = reference.get(r["limit"])
+        gap = f"{(r['final_accuracy'] - ref) * 100:+.1f} pt" if ref is not None else "-"
         last = rounds[-1]
         balls = (
             f"{last.get('balls_sent', 0)} / {last.get('balls_after_merge', 0)}"
@@ -46,7 +57,8 @@ def main(paths: list[str]) -> None:
         )
         share = f"{last.get('share_kept', 0):.0%}" if ball_strategy else "-"
         print(
-            f"| {r['strategy']} | {r['partition']} | {threshold} "
+            f"| {r['strategy']} | {r['limit'] or 'all 50,000'} | {r['partition']} "
+            f"| {threshold} "
             f"| {r['final_accuracy']:.4f} | {gap} | {mb:.2f} | {balls} | {share} "
             f"| {r['wall_s'] / 60:.1f} min |"
         )
