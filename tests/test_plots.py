@@ -100,8 +100,8 @@ def test_threshold_sweep_draws_the_tradeoff_figure(tmp_path: Path) -> None:
     """A ball strategy at several thresholds adds thresholds.png with references."""
     paths = [
         write(
-            tmp_path / f"grbfl-{t}.json",
-            results_doc("grbfl", threshold=t, bytes_up=int(1e6 / t)),
+            tmp_path / f"balls-{t}.json",
+            results_doc("balls", threshold=t, bytes_up=int(1e6 / t)),
         )
         for t in (0.01, 0.03, 0.1)
     ]
@@ -122,8 +122,8 @@ def test_labels_add_threshold_and_partition_only_where_they_differ(
 ) -> None:
     """Labels name the strategy, then what tells two files apart."""
     docs = [
-        results_doc("grbfl", threshold=0.01),
-        results_doc("grbfl", threshold=0.1, partition="dirichlet:0.5"),
+        results_doc("balls", threshold=0.01),
+        results_doc("balls", threshold=0.1, partition="dirichlet:0.5"),
         results_doc("fedavg", threshold=0.5),
     ]
     results = [
@@ -132,7 +132,7 @@ def test_labels_add_threshold_and_partition_only_where_they_differ(
 
     labels = labels_for(results)
 
-    assert labels == ["grbfl thr 0.01 iid", "grbfl thr 0.1 dirichlet:0.5", "fedavg iid"]
+    assert labels == ["balls thr 0.01 iid", "balls thr 0.1 dirichlet:0.5", "fedavg iid"]
 
 
 def test_identical_settings_fall_back_on_file_names(tmp_path: Path) -> None:
@@ -247,13 +247,13 @@ def test_tensorboard_writes_one_run_per_file_with_round_steps(
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     FakeWriter.instances = []
     paths = [
-        write(tmp_path / "a.json", results_doc("grbfl", threshold=0.01)),
-        write(tmp_path / "b.json", results_doc("grbfl", threshold=0.1)),
+        write(tmp_path / "a.json", results_doc("balls", threshold=0.01)),
+        write(tmp_path / "b.json", results_doc("balls", threshold=0.1)),
     ]
 
     runs = write_tensorboard(paths, tmp_path / "tb")
 
-    assert [p.name for p in runs] == ["grbfl_thr_0.01", "grbfl_thr_0.1"]
+    assert [p.name for p in runs] == ["balls_thr_0.01", "balls_thr_0.1"]
     first = FakeWriter.instances[0]
     assert first.closed
     assert ("accuracy", 0.8, 3) in first.scalars

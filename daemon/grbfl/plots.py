@@ -162,7 +162,9 @@ def labels_for(results: list[Results]) -> list[str]:
         parts = [r.strategy]
         if differs("model", results):
             parts.append(r.model)
-        if r.is_ball_strategy and differs("variance_threshold", balls):
+        # variance_threshold filters pixel-space balls; grbfl's embedding balls
+        # have their own relative threshold, so the pixel one says nothing there.
+        if r.strategy == "balls" and differs("variance_threshold", balls):
             parts.append(f"thr {r.variance_threshold:g}")
         if r.is_ball_strategy and differs("n_clusters", balls):
             parts.append(f"k {r.n_clusters}")
@@ -248,7 +250,8 @@ def plot_thresholds(results: list[Results], out: Path) -> Path | None:
     Drawn only when some ball strategy was run at two or more thresholds; each
     (strategy, n_clusters) pair is one series, repeated runs are averaged.
     """
-    balls = [r for r in results if r.is_ball_strategy]
+    # Only pixel-space balls are filtered by variance_threshold (see labels_for).
+    balls = [r for r in results if r.strategy == "balls"]
     if len({r.variance_threshold for r in balls}) < 2:
         return None
     partitions_differ = len({r.partition for r in results}) > 1
