@@ -38,7 +38,6 @@ _MAX_SENDERS = 1024
 class Peer:
     state: str = "offline"
     reassembler: wire.Reassembler | None = None
-    first_part_at: float = 0.0
 
 
 @dataclass
@@ -135,14 +134,11 @@ class Aggregator(Node):
             self.senders.pop(next(iter(self.senders)))
         if peer.reassembler is None:
             peer.reassembler = wire.Reassembler(self.config.broker.max_payload_bytes)
-        if not peer.first_part_at:
-            peer.first_part_at = time.monotonic()
         done = peer.reassembler.add(payload)
         if done is None:
             return
         _, body_bytes = done
-        transfer_s = time.monotonic() - peer.first_part_at
-        peer.first_part_at = 0.0
+        transfer_s = peer.reassembler.last_seconds
         body = await asyncio.to_thread(
             wire.decode_cbor, body_bytes, limit=self.config.broker.max_payload_bytes
         )

@@ -35,7 +35,6 @@ class Participant(Node):
         self.models: dict[str, dict[str, np.ndarray]] = {}
         self.model_arrival: dict[str, float] = {}
         self.model_reassembler = wire.Reassembler(config.broker.max_payload_bytes)
-        self.model_first_part = 0.0
         self.wake = asyncio.Event()
         self.stop_work = threading.Event()
         self.working_key: tuple[str, int, str] | None = None
@@ -91,14 +90,11 @@ class Participant(Node):
         elif topic.startswith(self.topics.base + "/model/"):
             if not payload:
                 return
-            if not self.model_first_part:
-                self.model_first_part = time.monotonic()
             done = self.model_reassembler.add(payload)
             if done is None:
                 return
             digest, body_bytes = done
-            download_s = time.monotonic() - self.model_first_part
-            self.model_first_part = 0.0
+            download_s = self.model_reassembler.last_seconds
             if digest in self.models:
                 return
             body = await asyncio.to_thread(

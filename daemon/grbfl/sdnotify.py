@@ -21,7 +21,9 @@ from collections.abc import Callable, Mapping
 _LOGGER = logging.getLogger(__name__)
 
 try:
-    from systemd import daemon as _sd_daemon  # type: ignore[attr-defined,import-not-found]
+    from systemd import (  # type: ignore[attr-defined,import-not-found]
+        daemon as _sd_daemon,
+    )
 except ImportError:  # the optional extra is not installed: send datagrams ourselves
     _sd_daemon = None
 

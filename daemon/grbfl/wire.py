@@ -237,6 +237,8 @@ class Reassembler:
         self.max_payload = max_payload
         self.max_pending = max_pending
         self._pending: dict[str, _Pending] = {}
+        # Seconds from the first part of the last completed transfer to its last.
+        self.last_seconds = 0.0
 
     def add(self, message: bytes) -> tuple[str, bytes] | None:
         """Feed one message; return (digest, body) when its transfer completes."""
@@ -268,6 +270,7 @@ class Reassembler:
 
         # Whole: join in order and verify before anyone decodes it.
         del self._pending[part.xfer]
+        self.last_seconds = time.monotonic() - pending.started
         body = b"".join(pending.parts[i] for i in range(pending.count))
         if len(body) != pending.size or digest_of(body) != pending.digest:
             raise WireError(f"transfer {part.xfer}: digest or size mismatch")
