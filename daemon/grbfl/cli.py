@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .config import StrategyConfig, TrainingConfig
 from .errors import ConfigError, GrbflError
 
 log = logging.getLogger("grbfl")
@@ -206,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker",
         help="HOST:PORT of a running broker (default: start a private Mosquitto)",
     )
-    sim.add_argument("--local-epochs", type=int, default=1)
-    sim.add_argument("--batch-size", type=int, default=64)
+    sim.add_argument("--local-epochs", type=int, default=TrainingConfig.local_epochs)
+    sim.add_argument("--batch-size", type=int, default=TrainingConfig.batch_size)
     sim.add_argument(
         "--lr", type=float, help="learning rate (default 0.05; 0.02 for the digits)"
     )
@@ -221,25 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--n-clusters",
         type=int,
-        default=100,
+        default=StrategyConfig.n_clusters,
         help="balls a participant aims for (default 100)",
     )
-    sim.add_argument("--variance-threshold", type=float, default=0.03)
-    sim.add_argument("--min-size", type=int, default=5)
+    sim.add_argument(
+        "--variance-threshold", type=float, default=StrategyConfig.variance_threshold
+    )
+    sim.add_argument("--min-size", type=int, default=StrategyConfig.min_size)
     sim.add_argument(
         "--embedding-variance-threshold",
         type=float,
-        default=0.0,
+        default=StrategyConfig.embedding_variance_threshold,
         help="grbfl: share an embedding ball only above this fraction of a "
         "class's spread (default 0)",
     )
     sim.add_argument(
         "--server-samples",
         type=int,
-        default=20_000,
+        default=StrategyConfig.server_samples,
         help="samples the aggregator draws from the balls per round",
     )
-    sim.add_argument("--server-epochs", type=int, default=5)
+    sim.add_argument("--server-epochs", type=int, default=StrategyConfig.server_epochs)
     sim.add_argument(
         "--deadline",
         type=float,

@@ -28,7 +28,7 @@ import aiomqtt
 import numpy as np
 
 from .broker import PrivateBroker
-from .config import dump_toml
+from .config import StrategyConfig, TrainingConfig, dump_toml
 from .data import (
     discover_classes,
     export_digits,
@@ -63,18 +63,19 @@ class SimOptions:
     limit: int = 0
     json_path: Path | None = None
     broker: str | None = None
-    local_epochs: int = 1
-    batch_size: int = 64
+    # Training and ball settings default to what a device's config file does.
+    local_epochs: int = TrainingConfig.local_epochs
+    batch_size: int = TrainingConfig.batch_size
     # None: 0.05 for the user's images, 0.02 for the small bundled digits.
     lr: float | None = None
     # None: on for the user's images, off for the bundled digits (not mirror-safe).
     augment: bool | None = None
-    n_clusters: int = 100
-    variance_threshold: float = 0.03
-    min_size: int = 5
-    embedding_variance_threshold: float = 0.0
-    server_samples: int = 20_000
-    server_epochs: int = 5
+    n_clusters: int = StrategyConfig.n_clusters
+    variance_threshold: float = StrategyConfig.variance_threshold
+    min_size: int = StrategyConfig.min_size
+    embedding_variance_threshold: float = StrategyConfig.embedding_variance_threshold
+    server_samples: int = StrategyConfig.server_samples
+    server_epochs: int = StrategyConfig.server_epochs
     deadline_s: float = 1800.0
     seed: int = 0
     workdir: Path | None = None
