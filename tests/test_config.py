@@ -109,3 +109,15 @@ def test_written_config_reads_back_identically(tmp_path: Path) -> None:
     again = load_config(path)
     assert again.strategy == config.strategy
     assert again.data == config.data
+
+
+def test_health_temperature_file_must_exist(tmp_path: Path) -> None:
+    """A thermal file named in the config is checked at start, not silently unread."""
+    zone = tmp_path / "temp"
+    zone.write_text("48312\n")
+
+    config = config_from_dict(minimal(health={"temperature_file": str(zone)}))
+    with pytest.raises(ConfigError, match=r"health\.temperature_file = .*no such file"):
+        config_from_dict(minimal(health={"temperature_file": str(tmp_path / "gone")}))
+
+    assert config.health.temperature_file == zone

@@ -164,3 +164,29 @@ def test_heat_guard_rejects_a_resume_mark_above_the_pause_mark():
     """Inverted thresholds would make the guard flap; they are a config error."""
     with pytest.raises(ConfigError, match="resume_at_c"):
         HeatGuard(pause_at_c=70.0, resume_at_c=80.0)
+
+
+def test_unknown_temperature_is_said_once(tmp_path, caplog):
+    """A machine without any sensor gets one warning, not one per reading."""
+    reader = quiet_reader(tmp_path, sensors=lambda: {})
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.health"):
+        readings = [reader.cpu_temperature() for _ in range(3)]
+
+    assert readings == [None, None, None]
+    assert len(caplog.records) == 1
+    assert "temperature is unknown" in caplog.records[0].getMessage()
+
+
+def test_configured_thermal_file_follows_its_changes(tmp_path):
+    """The file a config names is read afresh every time, as the daemon's heat
+    guard needs when a board heats up and cools down."""
+    zone = tmp_path / "temp"
+    zone.write_text("90000\n")
+    reader = HealthReader(thermal_file=zone, sensors=None, throttle_file=None)
+
+    hot = reader.read()["temperature_c"]
+    zone.write_text("50000\n")
+    cool = reader.read()["temperature_c"]
+
+    assert (hot, cool) == (90.0, 50.0)

@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import secrets
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from . import wire
+from .alerts import check_round, recorded_accuracy
 from .config import Config
 from .data import load_image_folder
-from .errors import GrbflError, WireError
+from .errors import BrokerLimitError, ConfigError, GrbflError, WireError
+from .link import BACKOFF_MAX_S
 from .node import Node
 from .strategy import Contribution, ServerStrategy, write_atomic
 from .weights import load_numpy_state
@@ -26,18 +30,36 @@ from .weights import load_numpy_state
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.cbor"
+# The checkpoint before the latest, kept so that a damaged latest one costs a
+# round instead of the run.
+PREVIOUS_CHECKPOINT = "checkpoint.prev.cbor"
 METRICS = "metrics.jsonl"
+# Fault injection for the test suite (tests/test_faults_network.py), never for
+# operators: "aggregated:N" makes the aggregator SIGKILL itself right after it
+# aggregates round N, "checkpoint:N" halfway through writing round N's checkpoint.
+TEST_KILL_AT_ENV = "GRBFL_TEST_KILL_AT"
 # Participants whose status says one of these are not waited for.
 _ABSENT_STATES = ("offline", "paused-hot")
 # Update senders whose partial transfers are tracked at once; bounds memory if a
 # misconfigured or hostile client invents node names.
 _MAX_SENDERS = 1024
+# Unusable update messages named at WARNING per sender before the rest go to
+# DEBUG: enough to show what is wrong, too few to flood the journal.
+_DROP_WARNINGS = 10
+# A health message is a few hundred bytes; anything far bigger is not one, and
+# would bloat every metrics record it is copied into.
+_MAX_HEALTH_BYTES = 8192
 
 
 @dataclass
 class Peer:
     state: str = "offline"
+    # When the node was last heard live (monotonic seconds): a status, health or
+    # update message sent now, not one the broker retained from before.
+    seen: float = 0.0
     reassembler: wire.Reassembler | None = None
+    # Update messages from this sender that could not be used.
+    dropped: int = 0
 
 
 @dataclass
@@ -49,6 +71,11 @@ class Collection:
     contributions: dict[str, Contribution] = field(default_factory=dict)
     transfer_s: dict[str, float] = field(default_factory=dict)
     rejected: int = 0
+    # Updates delivered again (QoS 1 redelivery, a resend after a reconnect).
+    duplicates: int = 0
+    # Updates for an earlier round, or for this one after it closed.
+    stale: int = 0
+    closed: bool = False
 
 
 def round_lr(base: float, round_: int, rounds: int, decay: str) -> float:
@@ -59,12 +86,39 @@ def round_lr(base: float, round_: int, rounds: int, decay: str) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / rounds))
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of a checkpoint file; WireError if it is damaged.
+
+    The file holds the checkpoint's CBOR with its SHA-256, so a file cut short or
+    altered is caught before any of it is used.
+    """
+    outer = wire.decode_cbor(path.read_bytes(), limit=1 << 31)
+    if isinstance(outer, dict) and "checkpoint" in outer:
+        inner = outer["checkpoint"]
+        if not isinstance(inner, bytes):
+            raise WireError("its contents are not a byte string")
+        if outer.get("sha256") != wire.digest_of(inner):
+            raise WireError("its SHA-256 does not match its contents")
+        saved = wire.decode_cbor(inner, limit=1 << 31)
+    else:
+        saved = outer  # written before checkpoints carried a digest
+    if not isinstance(saved, dict):
+        raise WireError("not a checkpoint map")
+    return saved
+
+
+def _test_kill_requested(point: str, round_: int) -> bool:
+    return os.environ.get(TEST_KILL_AT_ENV) == f"{point}:{round_}"
+
+
 class RoundFailed(GrbflError):
     """A round's result was unusable and has been rolled back."""
 
 
 # Rounds in a row that may fail before the aggregator gives up.
 _ROUND_TRIES = 3
+# Longest wait between looks at who is present while a round is open.
+_RECHECK_S = 5.0
 
 
 class Aggregator(Node):
@@ -97,15 +151,27 @@ class Aggregator(Node):
         )
         self.peers: dict[str, Peer] = {}
         self.senders: dict[str, Peer] = {}
+        # Each node's latest health message, copied into every metrics record.
+        self.health: dict[str, dict[str, Any]] = {}
         self._warned: set[tuple[str, str]] = set()
         self.collection: Collection | None = None
         self.changed = asyncio.Event()
         self.model_parts = 0
+        # What the current phase needs on the broker, kept to publish again after
+        # a reconnect: the model (digest, body) and the run message.
+        self._model: tuple[str, bytes] | None = None
+        self._run_body: dict[str, Any] | None = None
+        self._announcing = asyncio.Lock()
+        # After a reconnect, how long a node not heard live since counts as there:
+        # time for it to reconnect too, and to send a health message.
+        self._reconfirm_s = BACKOFF_MAX_S + 2 * config.health.interval_s
         self.test_x: np.ndarray | None = None
         self.test_y: np.ndarray | None = None
+        # The last round's test accuracy, to notice a sharp fall.
+        self.last_accuracy: float | None = None
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.any_status, self.topics.any_update]
+        return [self.topics.any_status, self.topics.any_health, self.topics.any_update]
 
     # --- incoming --------------------------------------------------------------------
 
@@ -122,9 +188,29 @@ class Aggregator(Node):
                 return
             peer = self.peers.setdefault(node, Peer())
             peer.state = str(body.get("state", "offline"))
+            # A retained status may predate a broker restart that lost the node's
+            # last will; only a live message shows the node is there now.
+            if not retained or not peer.seen:
+                peer.seen = time.monotonic()
             self.changed.set()
+        elif topic == self.topics.health(node):
+            self._heard(node)
+            self._on_health(node, payload)
         elif topic == self.topics.updates(node):
+            self._heard(node)
             await self._on_update_part(node, payload)
+
+    def _heard(self, node: str) -> None:
+        peer = self.peers.get(node)
+        if peer is not None:
+            peer.seen = time.monotonic()
+
+    def _on_health(self, node: str, payload: bytes) -> None:
+        body = wire.decode_json(payload, limit=_MAX_HEALTH_BYTES)
+        self.health.pop(node, None)
+        self.health[node] = body
+        if len(self.health) > _MAX_SENDERS:
+            self.health.pop(next(iter(self.health)))
 
     async def _on_update_part(self, node: str, payload: bytes) -> None:
         # Presence comes from status messages only: a stray update must not make
@@ -134,15 +220,39 @@ class Aggregator(Node):
             self.senders.pop(next(iter(self.senders)))
         if peer.reassembler is None:
             peer.reassembler = wire.Reassembler(self.config.broker.max_payload_bytes)
-        done = peer.reassembler.add(payload)
+        try:
+            done = peer.reassembler.add(payload)
+        except WireError as exc:
+            self._drop_update(node, peer, len(payload), exc)
+            return
         if done is None:
             return
         _, body_bytes = done
         transfer_s = peer.reassembler.last_seconds
-        body = await asyncio.to_thread(
-            wire.decode_cbor, body_bytes, limit=self.config.broker.max_payload_bytes
-        )
+        try:
+            body = await asyncio.to_thread(
+                wire.decode_cbor, body_bytes, limit=self.config.broker.max_payload_bytes
+            )
+        except WireError as exc:
+            self._drop_update(node, peer, len(body_bytes), exc)
+            return
         self._accept(node, body, len(body_bytes), transfer_s)
+
+    def _drop_update(self, node: str, peer: Peer, nbytes: int, exc: WireError) -> None:
+        """Log a dropped update message; a sender that keeps sending junk is
+        named at WARNING a few times, then at DEBUG."""
+        peer.dropped += 1
+        level = logging.WARNING if peer.dropped <= _DROP_WARNINGS else logging.DEBUG
+        log.log(
+            level,
+            "dropped %d bytes on %s from sender %s: %s",
+            nbytes,
+            self.topics.updates(node),
+            node,
+            exc,
+        )
+        if peer.dropped == _DROP_WARNINGS:
+            log.warning("further messages dropped from %s are logged at DEBUG", node)
 
     def _accept(self, node: str, body: Any, nbytes: int, transfer_s: float) -> None:
         where = f"update from {node}"
@@ -158,11 +268,24 @@ class Aggregator(Node):
             col is None
             or run != self.run_id
             or (round_, phase) != (col.round, col.phase)
+            or col.closed
         ):
-            # Late answers to an earlier round are normal after a retry; another
-            # run or a future round means a confused node: say so, once.
+            # A straggler's answer to an earlier round, or to this one after it
+            # closed, is normal and must not be mixed in; another run or a future
+            # round means a confused node: say so, once.
             if run == self.run_id and col is not None and round_ <= col.round:
-                log.debug("ignoring a late %s for round %d %s", where, round_, phase)
+                col.stale += 1
+                log.info(
+                    "round %d %s: ignoring a stale %s for round %d %s (%s)",
+                    col.round,
+                    col.phase,
+                    where,
+                    round_,
+                    phase,
+                    "after it closed"
+                    if (round_, phase) == (col.round, col.phase)
+                    else "an earlier round",
+                )
             elif (node, run) not in self._warned:
                 self._warned.add((node, run))
                 log.warning(
@@ -175,6 +298,7 @@ class Aggregator(Node):
                 )
             return
         if node in col.contributions:
+            col.duplicates += 1
             log.debug("ignoring a repeated %s for round %d", where, round_)
             return
         owner = len(col.contributions)
@@ -198,23 +322,46 @@ class Aggregator(Node):
     # --- state on disk ---------------------------------------------------------------
 
     def _load_checkpoint(self) -> int:
-        path = self.state_dir / CHECKPOINT
-        if not path.exists():
-            self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        """Resume from the newest usable checkpoint; start a new run without one.
+
+        A damaged checkpoint (truncated, altered, unreadable) is set aside and the
+        one before it used; a sound one that does not fit the config is an error.
+        """
+        self._remove_unfinished_writes()
+        damaged = False
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = self.state_dir / name
+            if not path.exists():
+                continue
+            try:
+                saved = read_checkpoint(path)
+            except (WireError, OSError) as exc:
+                self._set_aside(path, exc)
+                damaged = True
+                continue
+            done = self._restore(path, saved)
+            self._record_missing_metrics(saved, done)
+            return done
+        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        if damaged:
+            log.error("no usable checkpoint left: starting a new run %s", self.run_id)
+        else:
             log.info("new run %s", self.run_id)
-            return 0
+        return 0
+
+    def _restore(self, path: Path, saved: dict[str, Any]) -> int:
+        """Load a sound checkpoint into the model; return the round it closed."""
         try:
-            saved = wire.decode_cbor(path.read_bytes(), limit=1 << 31)
             run_id = wire.require(saved, "run", str, str(path))
             done = wire.require(saved, "round", int, str(path))
             strategy = wire.require(saved, "strategy", str, str(path))
             state = wire.check_state(
                 saved.get("state"), self.strategy.global_state(), str(path)
             )
-        except (WireError, OSError) as exc:
+        except WireError as exc:
             raise GrbflError(
-                f"checkpoint {path} is unreadable ({exc}); move it away to start a "
-                "new run"
+                f"checkpoint {path} does not fit this config ({exc}); move it away "
+                "to start a new run"
             ) from exc
         if done < 0 or done > self.config.rounds.rounds:
             raise GrbflError(
@@ -237,8 +384,47 @@ class Aggregator(Node):
         log.info("resuming run %s after round %d from %s", run_id, done, path)
         return done
 
-    def _save_checkpoint(self, round_: int) -> None:
-        body = wire.encode_cbor(
+    def _remove_unfinished_writes(self) -> None:
+        # write_atomic's temporary files, left by a process killed mid-write.
+        for tmp in self.state_dir.glob(f".{CHECKPOINT}.*.tmp"):
+            log.warning("removing %s, left by a checkpoint write cut short", tmp)
+            tmp.unlink(missing_ok=True)
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
+        # Renamed, not deleted, so it can be looked at; and out of the way, so it
+        # is neither used nor rotated into the previous checkpoint's place.
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        log.error(
+            "checkpoint %s is damaged (%s): not used, kept as %s", path, exc, aside
+        )
+
+    def _record_missing_metrics(self, saved: dict[str, Any], done: int) -> None:
+        """Append the checkpointed round's metrics if a kill came between writing
+        the checkpoint and writing them."""
+        record = saved.get("metrics")
+        if not isinstance(record, dict):
+            return
+        path = self.state_dir / METRICS
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                old = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(old, dict) and (old.get("run"), old.get("round")) == (
+                self.run_id,
+                done,
+            ):
+                return
+        self._append_metrics(record)
+        log.info("metrics of round %d added from the checkpoint", done)
+
+    def _save_checkpoint(self, round_: int, record: dict[str, Any]) -> None:
+        inner = wire.encode_cbor(
             {
                 "run": self.run_id,
                 "round": round_,
@@ -246,15 +432,34 @@ class Aggregator(Node):
                 "classes": list(self.classes),
                 "model": self.config.model.name,
                 "state": self.strategy.global_state(),
+                "metrics": record,
                 "time": time.time(),
             }
         )
-        write_atomic(self.state_dir / CHECKPOINT, body)
+        body = wire.encode_cbor(
+            {"format": 2, "sha256": wire.digest_of(inner), "checkpoint": inner}
+        )
+        path = self.state_dir / CHECKPOINT
+        if path.exists():
+            os.replace(path, self.state_dir / PREVIOUS_CHECKPOINT)
+        if _test_kill_requested("checkpoint", round_):
+            # What a kill halfway through write_atomic leaves behind.
+            path.with_name(f".{path.name}.{os.getpid()}.tmp").write_bytes(
+                body[: len(body) // 2]
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_atomic(path, body)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         path: Path = self.state_dir / METRICS
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(path, "a+b") as fh:
+            # A line cut short by a kill must not swallow the next record.
+            fh.seek(0, os.SEEK_END)
+            if fh.tell():
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(json.dumps(record, sort_keys=True).encode() + b"\n")
 
     # --- outgoing --------------------------------------------------------------------
 
@@ -269,14 +474,25 @@ class Aggregator(Node):
             }
         )
         digest = wire.digest_of(body)
-        parts = wire.split(body, self.config.broker.chunk_bytes, xfer=digest)
-        for i, part in enumerate(parts):
-            await self.link.publish(self.topics.model_part(i), part, retain=True)
-        # Clear retained parts a larger earlier model left behind.
-        for i in range(len(parts), self.model_parts):
-            await self.link.publish(self.topics.model_part(i), b"", retain=True)
-        self.model_parts = len(parts)
+        self._model = (digest, body)
+        await self._send_model(digest, body)
         return digest, len(body)
+
+    async def _send_model(self, digest: str, body: bytes) -> None:
+        try:
+            parts = await self.link.publish_bulk(
+                self.topics.model_part, body, xfer=digest, retain=True
+            )
+        except BrokerLimitError as exc:
+            raise ConfigError(
+                f"{self.config.source}: broker.chunk_bytes = "
+                f"{self.config.broker.chunk_bytes}: cannot publish the model of "
+                f"{len(body):,} bytes: {exc}; set it below the broker's limit"
+            ) from exc
+        # Clear retained parts a larger earlier model left behind.
+        for i in range(parts, self.model_parts):
+            await self.link.publish(self.topics.model_part(i), b"", retain=True)
+        self.model_parts = parts
 
     async def _publish_run(
         self, round_: int, phase: str, attempt: int, deadline: float, digest: str | None
@@ -296,12 +512,57 @@ class Aggregator(Node):
             "classes": list(self.classes),
             "aggregator": self.node_id,
         }
+        self._run_body = dict(body, settings=dict(self.settings))
         await self.link.publish(self.topics.run, wire.encode_json(body), retain=True)
+
+    async def _announce(
+        self, round_: int, phase: str, attempt: int
+    ) -> tuple[int, float]:
+        """Publish a phase's model and run message; return the model's size and
+        the deadline. One at a time with a republish after a reconnect, which
+        must not put an older model back between the two."""
+        async with self._announcing:
+            digest, model_bytes = (None, 0)
+            if phase != "balls":
+                digest, model_bytes = await self._publish_model(round_, phase)
+            deadline = time.time() + self.config.rounds.deadline_s
+            await self._publish_run(round_, phase, attempt, deadline, digest)
+        return model_bytes, deadline
+
+    async def on_connect(self) -> None:
+        await super().on_connect()
+        # A broker restarted without persistence has lost the retained run and
+        # model, and updates sent while we were away never reached us: put both
+        # back, and announce the phase again, so that participants who answered
+        # already send their answers again.
+        async with self._announcing:
+            run = self._run_body
+            if run is None:
+                return
+            if self._model is not None and run["model_digest"] == self._model[0]:
+                await self._send_model(*self._model)
+            body = dict(run, announce=uuid.uuid4().hex[:12])
+            await self.link.publish(
+                self.topics.run, wire.encode_json(body), retain=True
+            )
+        log.info(
+            "published round %d %s again after reconnecting", run["round"], run["phase"]
+        )
 
     # --- the rounds ------------------------------------------------------------------
 
     def _present(self) -> set[str]:
-        return {n for n, p in self.peers.items() if p.state not in _ABSENT_STATES}
+        # A broker restart loses the status and last will of a node that died
+        # meanwhile; a node not heard live since the reconnect counts only until
+        # it has had time to reconnect and say something.
+        since = self.link.connected_since
+        if time.monotonic() - since < self._reconfirm_s:
+            since = 0.0
+        return {
+            n
+            for n, p in self.peers.items()
+            if p.state not in _ABSENT_STATES and p.seen >= since
+        }
 
     async def _wait_for_participants(self) -> None:
         need = self.config.rounds.min_participants
@@ -333,11 +594,7 @@ class Aggregator(Node):
         attempt = 0
         while True:
             self.collection = Collection(round_, phase)
-            digest, model_bytes = (None, 0)
-            if phase != "balls":
-                digest, model_bytes = await self._publish_model(round_, phase)
-            deadline = time.time() + self.config.rounds.deadline_s
-            await self._publish_run(round_, phase, attempt, deadline, digest)
+            model_bytes, deadline = await self._announce(round_, phase, attempt)
             log.info(
                 "round %d %s started (attempt %d, deadline in %.0f s)",
                 round_,
@@ -350,11 +607,14 @@ class Aggregator(Node):
                 answered = set(col.contributions)
                 present = self._present()
                 if len(answered) >= need and present <= answered:
+                    col.closed = True
                     return col, model_bytes, attempt
                 self.changed.clear()
                 try:
+                    # Woken by news, and now and then to let presence expire.
                     await asyncio.wait_for(
-                        self.changed.wait(), max(0.05, deadline - time.time())
+                        self.changed.wait(),
+                        min(_RECHECK_S, max(0.05, deadline - time.time())),
                     )
                 except TimeoutError:
                     pass
@@ -367,6 +627,7 @@ class Aggregator(Node):
                     ", ".join(missing) or "absent nodes",
                     len(col.contributions),
                 )
+                col.closed = True
                 return col, model_bytes, attempt
             log.warning(
                 "round %d %s: only %d of %d needed participants answered; retrying",
@@ -382,10 +643,14 @@ class Aggregator(Node):
         await self.set_state("loading")
         assert cfg.data.dir is not None  # the config check requires it
         data = await asyncio.to_thread(load_image_folder, cfg.data.dir, self.classes)
-        self.test_x, self.test_y = data.as_float(), data.labels
+        self.test_x, self.test_y = await asyncio.to_thread(data.as_float), data.labels
         log.info("test set: %d images of %d classes", len(data), len(self.classes))
         done = await asyncio.to_thread(self._load_checkpoint)
         self.round = done
+        if done:
+            self.last_accuracy = await asyncio.to_thread(
+                recorded_accuracy, self.state_dir / METRICS, done
+            )
         await self.set_state("idle")
         await self.link.wait_connected(timeout=3600)
 
@@ -403,7 +668,9 @@ class Aggregator(Node):
                     f"round {round_} failed {_ROUND_TRIES} times in a row; stopping"
                 )
 
-        await self._publish_run(cfg.rounds.rounds, "done", 0, time.time(), None)
+        async with self._announcing:
+            await self._publish_run(cfg.rounds.rounds, "done", 0, time.time(), None)
+        self.phase = None
         await self.set_state("done")
         log.info("run %s finished after %d rounds", self.run_id, cfg.rounds.rounds)
         if not self.exit_when_done:
@@ -430,15 +697,22 @@ class Aggregator(Node):
             "clustering": 0.0,
             "transfer": 0.0,
             "aggregation": 0.0,
+            # Participants holding their work until their CPU cooled down.
+            "heat": 0.0,
         }
         nodes: set[str] = set()
         before = self.strategy.global_state()
         for phase in self.strategy.phases:
+            self.phase = phase
             await self.set_state("waiting")
             col, model_bytes, attempt = await self._collect(round_, phase)
             parts = list(col.contributions.values())
             nodes.update(col.contributions)
             record["attempts"] += attempt + 1
+            record["duplicate_updates"] = (
+                record.get("duplicate_updates", 0) + col.duplicates
+            )
+            record["stale_updates"] = record.get("stale_updates", 0) + col.stale
             record["bytes_up"] += sum(p.nbytes for p in parts)
             record["bytes_down"] += model_bytes * len(parts)
             record["samples"] = sum(p.samples for p in parts)
@@ -455,35 +729,49 @@ class Aggregator(Node):
             phase_seconds["transfer"] += max(
                 col.transfer_s.values(), default=0.0
             ) + max((p.timings.get("download_s", 0.0) for p in parts), default=0.0)
+            phase_seconds["heat"] += max(
+                (p.timings.get("heat_s", 0.0) for p in parts), default=0.0
+            )
 
             await self.set_state("aggregating")
             info = await asyncio.to_thread(self.strategy.apply, phase, round_, parts)
             phase_seconds["aggregation"] += info.pop("aggregate_s", 0.0)
             record.update(info)
+        if _test_kill_requested("aggregated", round_):
+            os.kill(os.getpid(), signal.SIGKILL)
 
         # Evaluate, then make the round durable before anyone hears of it.
         await self.set_state("evaluating")
         t0 = time.perf_counter()
         assert self.test_x is not None and self.test_y is not None
-        accuracy, loss = await asyncio.to_thread(
+        evaluation = await asyncio.to_thread(
             self.strategy.evaluate, self.test_x, self.test_y
         )
+        accuracy, loss = evaluation.accuracy, evaluation.loss
         phase_seconds["evaluation"] = time.perf_counter() - t0
         if not (math.isfinite(loss) and self.strategy.is_finite()):
             # Never checkpoint or publish a broken model: put the last good one
             # back and let the caller run the round again.
             load_numpy_state(self.strategy.model, before)
             raise RoundFailed(f"round {round_} produced a non-finite model")
-        await asyncio.to_thread(self._save_checkpoint, round_)
         phase_seconds["round"] = time.perf_counter() - started
+        health = dict(self.health)
+        if self.last_health is not None:
+            health[self.node_id] = self.last_health
         record.update(
             accuracy=accuracy,
             loss=loss,
             participants=sorted(nodes),
             n_participants=len(nodes),
             seconds=phase_seconds,
+            health=health,
             time=time.time(),
         )
+        record.update(check_round(round_, evaluation, self.last_accuracy, self.classes))
+        self.last_accuracy = accuracy
+        # Durable before anyone hears of it; the checkpoint holds the record too,
+        # so a kill before the metrics line is written loses nothing.
+        await asyncio.to_thread(self._save_checkpoint, round_, record)
         await asyncio.to_thread(self._append_metrics, record)
         await self.link.publish(self.topics.metrics, wire.encode_json(record))
         log.info(

@@ -61,6 +61,12 @@ prove that a search missed nothing; ``MergeStats.unverified`` counts the ball se
 (summed over passes) where it could not, so 0 means every ball saw its nearest
 qualifying partner at the start of every pass.
 
+Classes never merge with each other, so each class is merged in a worker thread of
+its own, one per usable core; numpy releases the GIL in the products and sorts that
+dominate, and each thread keeps its BLAS to one thread (its products are small, and
+BLAS threads on top of worker threads only contend for the same cores). The merge of
+each class is unchanged by this, so the result does not depend on the thread count.
+
 Sampling (aggregator)
 ---------------------
 Synthetic points are drawn class-balanced, then in proportion to ball size within a
@@ -72,12 +78,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from grbfl.errors import DataError, WireError
 
@@ -525,18 +534,25 @@ def merge_balls(
 
     # Owners become bits so that "no participant in common" is one AND per pair.
     bits = _owner_bits(balls.owners)
-
-    parts: list[BallSet] = []
-    passes = 0
-    unverified = 0
+    groups: dict[int, _MergeGroup] = {}
     for label in np.unique(balls.labels):
         rows = np.flatnonzero(balls.labels == label)
-        group = _MergeGroup(balls.subset(rows), bits[rows])
-        group.run(closeness, cap)
-        parts.append(group.result(int(label)))
-        passes = max(passes, group.passes)
-        unverified += group.unverified
-    merged = BallSet.concat(parts)
+        groups[int(label)] = _MergeGroup(balls.subset(rows), bits[rows])
+
+    # Classes are independent: one worker thread per usable core, largest first.
+    largest_first = sorted(groups.values(), key=lambda g: -len(g.sizes))
+    workers = min(len(groups), _usable_cores())
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
+                for _ in pool.map(lambda g: g.run(closeness, cap), largest_first):
+                    pass
+        else:
+            for group in largest_first:
+                group.run(closeness, cap)
+    merged = BallSet.concat([group.result(label) for label, group in groups.items()])
+    passes = max(group.passes for group in groups.values())
+    unverified = sum(group.unverified for group in groups.values())
 
     stats = MergeStats(
         before=len(balls),
@@ -713,6 +729,14 @@ def _round_up(values: np.ndarray) -> FloatArray:
 # -- merging -------------------------------------------------------------------------
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _owner_bits(owners: IntArray) -> npt.NDArray[np.uint64]:
     """One bit per distinct owner; owner -1 (already merged, unknown) sets no bit."""
     known = owners >= 0
@@ -734,6 +758,9 @@ class _MergeGroup:
         self.centers = balls.centers.astype(np.float64)
         # Sums of squared deviations per dimension: they add up exactly when pooling.
         self.squares = balls.variances.astype(np.float64) * self.sizes[:, None]
+        # Their per-ball totals (spread squared times size), kept up to date so the
+        # rule's check needs no gather of whole rows.
+        self.totals = self.squares.sum(axis=1)
         self.radii = balls.radii.astype(np.float64)
         self.bits = bits
         self.owners = balls.owners.copy()
@@ -747,15 +774,19 @@ class _MergeGroup:
         # The projection and the cells are fixed for the whole merge: merged centres
         # stay near the centres they came from.
         self._basis, self._origin = _principal_basis(self.centers)
-        self._cells = _cell_centres(self._lower_bound_points())
+        shifted, points = self._project()
+        self._cells = _cell_centres(points)
         while len(self.sizes) > 1 and self.passes < _MAX_PASSES:
-            spread = np.sqrt(self.squares.sum(axis=1) / self.sizes)
-            src, dst, dist = self._qualifying_edges(closeness * spread, cap)
+            spread = np.sqrt(self.totals / self.sizes)
+            src, dst, dist = self._qualifying_edges(
+                closeness * spread, cap, shifted, points
+            )
             gone = self._merge_rounds(src, dst, dist, closeness, cap)
             if not gone.any():
                 return
             self._keep(~gone)
             self.passes += 1
+            shifted, points = self._project()
 
     def _merge_rounds(
         self,
@@ -800,14 +831,14 @@ class _MergeGroup:
             second = best[first]
 
             # Pairs that no longer qualify lose their edge; the others merge.
-            ok = self._qualifies(first, second, closeness, cap)
+            ok, delta, distance = self._qualifies(first, second, closeness, cap)
             other = np.full(count, -1)
             other[first[~ok]] = second[~ok]
             other[second[~ok]] = first[~ok]
             failed = other[u] == v
             u, v = u[~failed], v[~failed]
             first, second = first[ok], second[ok]
-            self._merge(first, second)
+            self._merge(first, second, delta[ok], distance[ok])
             gone[second] = True
 
             # The survivor of a merge takes over the absorbed ball's candidates.
@@ -818,23 +849,26 @@ class _MergeGroup:
 
     def _qualifies(
         self, first: IntArray, second: IntArray, closeness: float, cap: int
-    ) -> BoolArray:
-        """Whether each pair meets the merge rule, with exact current statistics."""
-        distance = np.linalg.norm(self.centers[first] - self.centers[second], axis=1)
+    ) -> tuple[BoolArray, np.ndarray, np.ndarray]:
+        """Whether each pair meets the merge rule, with exact current statistics;
+        also the pairs' centre offsets and distances, which a merge reuses."""
+        delta = self.centers[second] - self.centers[first]
+        distance = np.linalg.norm(delta, axis=1)
         spread = np.sqrt(
             np.minimum(
-                self.squares[first].sum(axis=1) / self.sizes[first],
-                self.squares[second].sum(axis=1) / self.sizes[second],
+                self.totals[first] / self.sizes[first],
+                self.totals[second] / self.sizes[second],
             )
         )
         disjoint = ~(self.bits[first] & self.bits[second]).any(axis=1)
         small = self.sizes[first] + self.sizes[second] <= cap
-        return (distance < closeness * spread) & disjoint & small
+        return (distance < closeness * spread) & disjoint & small, delta, distance
 
     def _keep(self, keep: BoolArray) -> None:
         self.sizes = self.sizes[keep]
         self.centers = self.centers[keep]
         self.squares = self.squares[keep]
+        self.totals = self.totals[keep]
         self.radii = self.radii[keep]
         self.bits = self.bits[keep]
         self.owners = self.owners[keep]
@@ -853,12 +887,17 @@ class _MergeGroup:
             owners=self.owners,
         )
 
-    def _merge(self, first: IntArray, second: IntArray) -> None:
+    def _merge(
+        self,
+        first: IntArray,
+        second: IntArray,
+        delta: np.ndarray,
+        distance: np.ndarray,
+    ) -> None:
+        """Fold each second ball into its first; delta is c_second - c_first."""
         n1 = self.sizes[first].astype(np.float64)
         n2 = self.sizes[second].astype(np.float64)
         total = n1 + n2
-        delta = self.centers[second] - self.centers[first]
-        distance = np.linalg.norm(delta, axis=1)
 
         # Pooled statistics: within-ball squares plus the between-centre part.
         center = self.centers[first] + (n2 / total)[:, None] * delta
@@ -876,12 +915,13 @@ class _MergeGroup:
         self.sizes[first] += self.sizes[second]
         self.centers[first] = center
         self.squares[first] = squares
+        self.totals[first] = squares.sum(axis=1)
         self.radii[first] = radius
         self.bits[first] |= self.bits[second]
         self.owners[first] = -1
 
     def _qualifying_edges(
-        self, limit: np.ndarray, cap: int
+        self, limit: np.ndarray, cap: int, shifted: np.ndarray, points: np.ndarray
     ) -> tuple[IntArray, IntArray, FloatArray]:
         """Up to ``_EDGES_PER_BALL`` nearest qualifying partners of every ball.
 
@@ -890,7 +930,6 @@ class _MergeGroup:
         qualifying partner elsewhere are counted in ``unverified``.
         """
         count = len(self.sizes)
-        points = self._lower_bound_points()
 
         # Put every ball in the cell of its nearest cell centre; a cell reaches as far
         # as its farthest member.
@@ -906,7 +945,7 @@ class _MergeGroup:
 
         # Exact distances, one matrix product per cell against its probed cells.
         # Centring first keeps the float32 dot-product form accurate.
-        centers = (self.centers - self._origin).astype(np.float32)
+        centers = shifted.astype(np.float32)
         norms = np.einsum("ij,ij->i", centers, centers)
         reach2 = (limit * limit).astype(np.float32)
         capped = bool((self.sizes.max() * 2) > cap)
@@ -967,8 +1006,9 @@ class _MergeGroup:
             np.concatenate([e[2] for e in edges]),
         )
 
-    def _lower_bound_points(self) -> np.ndarray:
-        """Points whose pairwise distances never exceed those of the centres.
+    def _project(self) -> tuple[np.ndarray, np.ndarray]:
+        """The centres about the origin, and points whose pairwise distances never
+        exceed those of the centres.
 
         The projection onto orthonormal directions shrinks distances, and the norm of
         the remainder differs between two centres by at most the remainder of their
@@ -979,7 +1019,8 @@ class _MergeGroup:
         rest = np.einsum("ij,ij->i", shifted, shifted) - np.einsum(
             "ij,ij->i", projected, projected
         )
-        return np.hstack([projected, np.sqrt(np.maximum(rest, 0.0))[:, None]])
+        points = np.hstack([projected, np.sqrt(np.maximum(rest, 0.0))[:, None]])
+        return shifted, points
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

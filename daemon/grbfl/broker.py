@@ -38,12 +38,24 @@ def free_port() -> int:
 
 
 class PrivateBroker:
-    """Start `mosquitto` on 127.0.0.1 with a generated config; stop it on exit."""
+    """Start `mosquitto` on 127.0.0.1 with a generated config; stop it on exit.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    ``settings`` adds mosquitto.conf lines (e.g. ``{"max_packet_size": 20000}``).
+    The broker keeps nothing across a restart (no persistence), and its log,
+    ``mosquitto.log`` in workdir, grows across restarts.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        settings: dict[str, str | int] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.settings = dict(settings or {})
+        self.log_path = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -51,7 +63,8 @@ class PrivateBroker:
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        log_file = self.workdir / "mosquitto.log"
+        log_file = self.log_path
+        extra = "".join(f"{key} {value}\n" for key, value in self.settings.items())
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -60,10 +73,11 @@ class PrivateBroker:
             # could not write into our work folder.
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            "max_queued_messages 10000\n",
+            "max_queued_messages 10000\n" + extra,
             encoding="utf-8",
         )
-        self._log = open(log_file, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
+        start_offset = self._log.tell()
         self.process = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdout=subprocess.DEVNULL,
@@ -73,7 +87,8 @@ class PrivateBroker:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = log_file.read_text(errors="replace").strip()
+                err = log_file.read_bytes()[start_offset:].decode(errors="replace")
+                err = err.strip()
                 raise BrokerError(f"mosquitto exited at start: {err}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):

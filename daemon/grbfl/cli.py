@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -23,12 +24,44 @@ EXIT_CONFIG = 78
 EXIT_INTERRUPTED = 130
 
 
+# syslog priorities, which the journal reads from a "<N>" line prefix, so that
+# `journalctl -p warning` finds the daemon's warnings (sd-daemon(3)).
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Lines for the journal: its own time stamps, our priority on every line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is the journal stream systemd gave us (JOURNAL_STREAM)."""
+    try:
+        device, inode = (int(n) for n in os.environ["JOURNAL_STREAM"].split(":"))
+        stat = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # paho and aiomqtt are chatty at DEBUG; keep them at our level or above INFO.
     for noisy in ("aiomqtt", "paho"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))

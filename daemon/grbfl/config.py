@@ -113,6 +113,10 @@ class HealthConfig:
     pause_at_c: float = 80.0
     resume_at_c: float = 70.0
     interval_s: float = 10.0
+    # A file holding the CPU temperature in millidegrees C, as the kernel's
+    # thermal zones do; read instead of searching psutil's sensors, for boards
+    # whose CPU sensor is not the first zone.
+    temperature_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -336,6 +340,7 @@ def _check_relations(config: Config) -> None:
         ("broker.tls_ca", config.broker.tls_ca),
         ("broker.tls_cert", config.broker.tls_cert),
         ("broker.tls_key", config.broker.tls_key),
+        ("health.temperature_file", config.health.temperature_file),
     ):
         if path is not None and not path.is_file():
             raise ConfigError(f"{source}: {key} = '{path}': no such file")

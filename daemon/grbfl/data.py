@@ -50,6 +50,33 @@ IMAGE_SIZE = 32
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
+# What operating systems and tools leave in folders (compared in lower case):
+# never images, never classes. Names starting with "." are hidden files, macOS
+# .DS_Store and AppleDouble "._name" files and folders like .ipynb_checkpoints.
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+_JUNK_FOLDERS = frozenset(
+    {
+        "__macosx",
+        "__pycache__",
+        "lost+found",
+        "$recycle.bin",
+        "system volume information",
+    }
+)
+
+# Transparent pixels are composited onto this colour: fixed, so that a transparent
+# area means the same input to every device's model.
+BACKGROUND = (0, 0, 0)
+
+# Largest image decoded, in pixels after a JPEG's shrink-on-load. A 50-megapixel
+# photo decodes to 200 MB of RGBA; a PNG declaring more is skipped unread, since
+# a few kilobytes of compressed zeros can declare gigabytes (a decompression bomb).
+# PIL's own guard only warns up to 179 M pixels.
+MAX_DECODE_PIXELS = 50_000_000
+
+# Undecodable files named one by one before the rest are only counted.
+_NAMED_FAILURES = 20
+
 # Progress is reported every this many files: often enough for a progress bar, rarely
 # enough to cost nothing next to decoding (about 0.2 s per 1,000 small JPEGs).
 _PROGRESS_EVERY = 1000
@@ -104,11 +131,29 @@ def discover_classes(root: Path) -> tuple[str, ...]:
     names = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir() and not entry.name.startswith(".")
+        if entry.is_dir() and not is_junk_folder(entry.name)
     )
     if not names:
         raise DataError(f"data folder {root} has no class sub-folders")
     return tuple(names)
+
+
+def is_junk_folder(name: str) -> bool:
+    """Whether a folder is system or tool litter that can never be a class."""
+    return name.startswith(".") or name.lower() in _JUNK_FOLDERS
+
+
+def _not_an_image(name: str) -> str | None:
+    """Why a file in a class folder is not read as an image; None if it is one."""
+    if name.startswith("._"):
+        return "AppleDouble metadata"
+    if name.startswith("."):
+        return "hidden file"
+    if name.lower() in _SYSTEM_FILES:
+        return "system file"
+    if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+        return "not a .jpg, .jpeg or .png file"
+    return None
 
 
 def check_class_names(root: Path, classes: Sequence[str]) -> None:
@@ -156,7 +201,7 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
         entry.name
         for entry in os.scandir(root)
         if entry.is_dir()
-        and not entry.name.startswith(".")
+        and not is_junk_folder(entry.name)
         and entry.name not in label_of
     )
     if unknown:
@@ -171,6 +216,7 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     real_root = os.path.realpath(root)
     found: list[tuple[str, int]] = []
     outside: list[str] = []
+    ignored: list[str] = []
     for name, label in label_of.items():
         folder = root / name
         if not folder.is_dir():
@@ -179,12 +225,12 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
             outside.append(name)
             continue
         for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            dirnames[:] = sorted(d for d in dirnames if not is_junk_folder(d))
             rel_dir = Path(dirpath).relative_to(root).as_posix()
-            for fname in filenames:
-                if fname.startswith("."):
-                    continue
-                if os.path.splitext(fname)[1].lower() not in IMAGE_SUFFIXES:
+            for fname in sorted(filenames):
+                reason = _not_an_image(fname)
+                if reason is not None:
+                    ignored.append(f"{rel_dir}/{fname} ({reason})")
                     continue
                 full = os.path.join(dirpath, fname)
                 if os.path.islink(full) and not _inside(full, real_root):
@@ -198,12 +244,27 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
             len(outside),
             outside[0],
         )
+    if ignored:
+        more = len(ignored) - _NAMED_FAILURES
+        log.warning(
+            "data folder %s: skipping %d file(s) that are not images: %s%s",
+            root,
+            len(ignored),
+            ", ".join(ignored[:_NAMED_FAILURES]),
+            f" and {more} more" if more > 0 else "",
+        )
     found.sort()
     return found
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """The image as 8-bit RGB; transparent areas become black."""
+    """The image as 8-bit RGB; transparent areas become BACKGROUND.
+
+    Transparency comes as an alpha channel (RGBA, LA, PA), as a palette entry or
+    as one colour named transparent (PNG tRNS in P, L and RGB images).
+    """
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -217,7 +278,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
@@ -236,11 +297,12 @@ def _square_resize(img: Image.Image) -> Image.Image:
 
 def decode_image(path: Path) -> np.ndarray:
     """One image file as uint8 (32, 32, 3) RGB; DataError naming it if unusable."""
+    too_large: tuple[int, int] | None = None
     try:
         # PIL warns above 89 Mpixel and refuses above twice that; the refusal skips
-        # the file below. Everything is reduced to 32x32, so the warning tells the
-        # operator nothing and would repeat for every distinct size. catch_warnings
-        # swaps process-wide state; nothing else in grbfl uses it during a load.
+        # the file below, and so does MAX_DECODE_PIXELS, well under the warning.
+        # catch_warnings swaps process-wide state; nothing else in grbfl uses it
+        # during a load.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
@@ -248,13 +310,21 @@ def decode_image(path: Path) -> np.ndarray:
             if img.format == "JPEG" and min(img.size) > 2 * IMAGE_SIZE:
                 # Let libjpeg scale a large photo down while decoding: much faster.
                 img.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-            img.load()
-            arr = np.asarray(_square_resize(_to_rgb(img)), dtype=np.uint8)
+            if img.size[0] * img.size[1] > MAX_DECODE_PIXELS:
+                too_large = img.size
+            else:
+                img.load()
+                arr = np.asarray(_square_resize(_to_rgb(img)), dtype=np.uint8)
     except Exception as exc:
         # A malformed file trips PIL in many ways: OSError, SyntaxError, EOFError,
         # struct.error, DecompressionBombError for a huge one. Each costs one image.
         reason = str(exc) or type(exc).__name__
         raise DataError(f"cannot read image {path}: {reason}") from exc
+    if too_large is not None:
+        raise DataError(
+            f"cannot read image {path}: it declares {too_large[0]}x{too_large[1]} "
+            f"pixels, above the {MAX_DECODE_PIXELS} decoded (a decompression bomb?)"
+        )
     if arr.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise DataError(f"image {path} decoded to unexpected shape {arr.shape}")
     return arr
@@ -464,14 +534,15 @@ def _decode_all(
         if progress is not None and ((i + 1) % _PROGRESS_EVERY == 0 or i + 1 == n):
             progress(i + 1, n)
 
-    if failures:
-        log.warning("%s", failures[0])
-        if len(failures) > 1:
-            log.warning(
-                "data folder %s: skipped %d unreadable files (first shown above)",
-                root,
-                len(failures),
-            )
+    for failure in failures[:_NAMED_FAILURES]:
+        log.warning("%s; skipped", failure)
+    if len(failures) > _NAMED_FAILURES:
+        log.warning(
+            "data folder %s: skipped %d unreadable files (the first %d named above)",
+            root,
+            len(failures),
+            _NAMED_FAILURES,
+        )
     if not ok.any():
         raise DataError(
             f"data folder {root}: none of its {n} image files could be read"

@@ -21,3 +21,29 @@ class WireError(GrbflError):
 
 class BrokerError(GrbflError):
     """The MQTT broker cannot be reached or started."""
+
+
+class BrokerLimitError(BrokerError):
+    """A message is larger than the broker takes; it was not (or not wholly) sent.
+
+    ``size`` is the message's size in bytes; ``limit`` the broker's announced
+    maximum packet size, or None when the broker refused without saying its limit.
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int | None) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class PayloadTooLarge(WireError):
+    """A transfer announces more bytes than the receiver accepts.
+
+    Carries the transfer id, so that its later parts can be dropped quietly.
+    """
+
+    def __init__(self, message: str, *, xfer: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.xfer = xfer
+        self.size = size
+        self.limit = limit

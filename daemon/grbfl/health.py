@@ -101,6 +101,7 @@ class HealthReader:
         self._vcgencmd = shutil.which("vcgencmd") if vcgencmd == AUTO else vcgencmd
         self._sensors = sensors
         self._broken: set[str] = set()
+        self._said_unknown = False
 
     def read(self) -> dict[str, Any]:
         """Return one JSON-serialisable snapshot of the device's health."""
@@ -139,6 +140,12 @@ class HealthReader:
                 self._give_up("thermal", exc)
             else:
                 return round(millis / 1000.0, 1)
+        if not self._said_unknown:
+            self._said_unknown = True
+            _LOGGER.warning(
+                "no readable CPU temperature sensor: temperature is unknown, so "
+                "the heat guard cannot pause this node"
+            )
         return None
 
     def throttle(self) -> dict[str, Any] | None:

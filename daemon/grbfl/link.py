@@ -3,6 +3,11 @@
 Reconnects with exponential backoff and jitter, subscribes again after every
 reconnect (clean sessions keep the broker free of state for dead nodes), and
 lets callers publish without caring whether the link is up right now.
+
+It speaks MQTT 5 for two things 3.1.1 cannot say: the largest packet the broker
+takes (announced in its CONNACK), so bulk payloads are cut into chunks that fit,
+and why the broker closed a connection, so a message refused for its size fails
+with an error naming the size instead of being resent after every reconnect.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
+from . import wire
 from .config import BrokerConfig
-from .errors import BrokerError, ConfigError, WireError
+from .errors import BrokerError, BrokerLimitError, ConfigError, WireError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,21 @@ BACKOFF_MAX_S = 60.0
 # A connection that lasts this long counts as healthy and resets the backoff.
 STABLE_S = 10.0
 
+# Bytes a PUBLISH packet adds to its topic and payload: fixed header (5), topic
+# length (2), packet id (2), MQTT 5 property length (4), and room for a part
+# index that makes a chunk's topic a few digits longer than the first one's.
+_PUBLISH_HEADER_BYTES = 24
+# Bytes a chunk envelope (wire.split) adds to its data: seven short fields, two
+# of them 64-character hex strings, come to about 210.
+ENVELOPE_BYTES = 256
+# Smallest chunk worth sending; a broker leaving less room is misconfigured.
+MIN_PART_BYTES = 1024
+# Reason codes of a connection that ended over a message too large: Mosquitto
+# disconnects with "Packet too large" (0x95) past its max_packet_size, and
+# answers a publish past its message_size_limit with a PUBACK code that paho
+# takes for a "Protocol error" (0x82) and disconnects.
+_SIZE_REFUSALS = (0x82, 0x95)
+
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
 
 
@@ -37,6 +60,28 @@ def backoff_delays(first: float = BACKOFF_FIRST_S, cap: float = BACKOFF_MAX_S):
     while True:
         yield random.uniform(0.5, 1.0) * min(cap, first * 2**attempt)
         attempt += 1
+
+
+def _reason_code(exc: BaseException) -> int | None:
+    """The MQTT reason code behind an aiomqtt error, when it carries one."""
+    for err in (exc, exc.__cause__):
+        rc = getattr(err, "rc", None)
+        if rc is not None:
+            return int(getattr(rc, "value", rc))
+    return None
+
+
+@dataclass
+class _Connection:
+    """One connection to the broker, from its CONNACK until it ends."""
+
+    client: aiomqtt.Client
+    # The largest packet the broker takes, from its CONNACK; None if unannounced.
+    max_packet: int | None
+    # Resolves when the connection ends, with its reason code (None if unknown)
+    # and the size of the largest message then waiting for the broker's answer.
+    lost: asyncio.Future[tuple[int | None, int]]
+    inflight: dict[int, int] = field(default_factory=dict)
 
 
 class Link:
@@ -61,7 +106,12 @@ class Link:
         self.connected = asyncio.Event()
         self.bytes_in = 0
         self.bytes_out = 0
-        self._client: aiomqtt.Client | None = None
+        # Largest packet the broker announced in its latest CONNACK, if any.
+        self.max_packet: int | None = None
+        # When the latest connection came up (monotonic seconds).
+        self.connected_since = 0.0
+        self._conn: _Connection | None = None
+        self._sends = 0
         self._ever_connected = False
         self._quick_drops = 0
 
@@ -90,41 +140,68 @@ class Link:
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
             username=self.broker.username,
             password=self.broker.password,
             identifier=self.client_id,
             will=will,
-            clean_session=True,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            # With no session expiry, MQTT 5's clean start is 3.1.1's clean session.
+            clean_start=True,
             keepalive=self.broker.keepalive,
             tls_context=tls_context,
             timeout=30,
         )
+        self._watch_connack(client)
+        return client
+
+    def _watch_connack(self, client: aiomqtt.Client) -> None:
+        # aiomqtt 2.5 drops the CONNACK's properties; the paho client it wraps
+        # hands them to its on_connect callback, so wrap that to read the limit.
+        paho = client._client
+        inner = paho.on_connect
+        assert inner is not None
+
+        def on_connect(*args: Any) -> None:
+            properties = args[4] if len(args) > 4 else None
+            self.max_packet = getattr(properties, "MaximumPacketSize", None)
+            inner(*args)
+
+        paho.on_connect = on_connect
 
     async def run(self) -> None:
         """Stay connected until cancelled, dispatching every message to handler."""
         delays = backoff_delays()
         connected_at = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             client = self._make_client()
+            self.max_packet = None
+            conn: _Connection | None = None
+            lost: asyncio.Future[tuple[int | None, int]] = loop.create_future()
             try:
                 async with client:
-                    self._client = client
+                    self.connected_since = time.monotonic()
+                    conn = _Connection(client, self.max_packet, lost)
+                    self._conn = conn
                     for topic in self.subscriptions:
                         await client.subscribe(topic, qos=1)
                     log.info(
-                        "%s to broker %s:%d",
+                        "%s to broker %s:%d%s",
                         "reconnected" if self._ever_connected else "connected",
                         self.broker.host,
                         self.broker.port,
+                        f" (packets up to {conn.max_packet:,} bytes)"
+                        if conn.max_packet
+                        else "",
                     )
                     self._ever_connected = True
                     connected_at = time.monotonic()
                     self.connected.set()
                     if self.on_connect is not None:
-                        asyncio.get_running_loop().create_task(
+                        loop.create_task(
                             self._guarded(self.on_connect()), name="link-on-connect"
                         )
                     async for message in client.messages:
@@ -136,6 +213,9 @@ class Link:
                             message.topic.value, bytes(payload), bool(message.retain)
                         )
             except aiomqtt.MqttError as exc:
+                # Publishers waiting on this connection learn at once that it is
+                # gone, and why.
+                self._lost(conn, lost, _reason_code(exc))
                 # Only a connection that held for a while resets the backoff, so
                 # a broker that keeps kicking us out is not hammered.
                 if connected_at and time.monotonic() - connected_at > STABLE_S:
@@ -154,16 +234,25 @@ class Link:
                     "broker %s:%d unreachable (%s); retrying in %.1f s%s",
                     self.broker.host,
                     self.broker.port,
-                    exc,
+                    exc.__cause__ or exc,
                     delay,
                     hint,
                 )
-                self.connected.clear()
-                self._client = None
                 await asyncio.sleep(delay)
             finally:
-                self.connected.clear()
-                self._client = None
+                self._lost(conn, lost, None)
+
+    def _lost(
+        self,
+        conn: _Connection | None,
+        lost: asyncio.Future[tuple[int | None, int]],
+        reason: int | None,
+    ) -> None:
+        self.connected.clear()
+        self._conn = None
+        if not lost.done():
+            largest = max(conn.inflight.values(), default=0) if conn else 0
+            lost.set_result((reason, largest))
 
     async def _guarded(self, coro: Awaitable[None]) -> None:
         try:
@@ -187,22 +276,122 @@ class Link:
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1
     ) -> None:
-        """Publish once the link is up; retry through reconnects."""
+        """Publish once the link is up; retry through reconnects.
+
+        A message larger than the broker takes raises BrokerLimitError instead of
+        being resent after every reconnect: before it is sent when the broker
+        announced its packet limit, or once the broker closed the connection over
+        it (Mosquitto's message_size_limit, which no client is told).
+        """
+        size = len(payload)
         while True:
             await self.connected.wait()
-            client = self._client
-            if client is None:
+            conn = self._conn
+            if conn is None:
                 await asyncio.sleep(0.1)
                 continue
+            packet = size + len(topic.encode()) + _PUBLISH_HEADER_BYTES
+            if conn.max_packet is not None and packet > conn.max_packet:
+                raise BrokerLimitError(
+                    f"a {packet:,}-byte message on {topic} is over the broker's "
+                    f"maximum packet size of {conn.max_packet:,} bytes",
+                    size=packet,
+                    limit=conn.max_packet,
+                )
+
+            # Wait for the broker's answer or the end of the connection, whichever
+            # comes first: aiomqtt would wait out its whole timeout on a dead one.
+            self._sends += 1
+            token = self._sends
+            conn.inflight[token] = size
+            sending: asyncio.Future[Any] = asyncio.ensure_future(
+                conn.client.publish(topic, payload, qos=qos, retain=retain)
+            )
             try:
-                await client.publish(topic, payload, qos=qos, retain=retain)
-                self.bytes_out += len(payload)
-                return
-            except aiomqtt.MqttError as exc:
-                # The run loop notices a dead connection and reconnects; a
-                # transient failure on a live one just needs another try.
-                log.warning("publish to %s failed (%s); will retry", topic, exc)
-                await asyncio.sleep(0.5)
+                await asyncio.wait(
+                    (sending, conn.lost), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                del conn.inflight[token]
+                if not sending.done():
+                    sending.cancel()
+            error = None
+            if sending.done() and not sending.cancelled():
+                error = sending.exception()
+                if error is None:
+                    self.bytes_out += size
+                    return
+                if not isinstance(error, aiomqtt.MqttError):
+                    raise error
+
+            if conn.lost.done():
+                reason, largest = conn.lost.result()
+                if reason in _SIZE_REFUSALS and size >= largest:
+                    raise BrokerLimitError(
+                        f"the broker closed the connection over a {size:,}-byte "
+                        f"message on {topic} (reason code 0x{reason:02x}): it is "
+                        "over the broker's message size limit",
+                        size=size,
+                        limit=None,
+                    )
+                continue  # sent again once the link is back
+            # A transient failure on a live connection just needs another try.
+            log.warning("publish to %s failed (%s); will retry", topic, error)
+            await asyncio.sleep(0.5)
+
+    def part_bytes(self, topic: str) -> int:
+        """Data bytes per chunk of a bulk payload on topic: broker.chunk_bytes,
+        cut down to fit the packet limit of the broker connected now."""
+        chunk = self.broker.chunk_bytes
+        conn = self._conn
+        if conn is None or conn.max_packet is None:
+            return chunk
+        room = (
+            conn.max_packet
+            - len(topic.encode())
+            - _PUBLISH_HEADER_BYTES
+            - ENVELOPE_BYTES
+        )
+        if room < MIN_PART_BYTES:
+            raise BrokerLimitError(
+                f"the broker's maximum packet size of {conn.max_packet:,} bytes "
+                f"leaves room for chunks of {max(room, 0):,} bytes on {topic}; "
+                f"grbfl needs at least {MIN_PART_BYTES:,}",
+                size=MIN_PART_BYTES + conn.max_packet - room,
+                limit=conn.max_packet,
+            )
+        return min(chunk, room)
+
+    async def publish_bulk(
+        self,
+        topic_of: Callable[[int], str],
+        body: bytes,
+        *,
+        xfer: str,
+        retain: bool = False,
+    ) -> int:
+        """Publish body in chunks (wire.split) that fit the broker; return how many.
+
+        Part i goes to topic_of(i). The chunks are cut once the link is up, to the
+        broker's packet limit; a reconnect that brings a smaller limit halfway
+        makes the whole body go again, cut smaller, under the same transfer id.
+        """
+        while True:
+            await self.connected.wait()
+            parts = wire.split(body, self.part_bytes(topic_of(0)), xfer=xfer)
+            try:
+                for i, part in enumerate(parts):
+                    await self.publish(topic_of(i), part, retain=retain)
+                return len(parts)
+            except BrokerLimitError as exc:
+                if exc.limit is None:
+                    raise
+                log.info(
+                    "broker now takes packets up to %d bytes; sending %s again in "
+                    "smaller chunks",
+                    exc.limit,
+                    topic_of(0),
+                )
 
     async def wait_connected(self, timeout: float) -> None:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .config import Config
 from .errors import GrbflError
-from .health import HeatGuard, read_health
+from .health import HealthReader, HeatGuard
 from .link import Link
 from .sdnotify import Notifier
 from .topics import Topics
@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 
 # How long a clean shutdown may spend telling the broker it is going offline.
 _GOODBYE_TIMEOUT_S = 5.0
+# The loop answers the broker's keepalive, the watchdog and health telemetry; a
+# callback holding it this long means heavy work ran on it instead of a worker
+# thread. A second is far above any legitimate callback and far below the
+# keepalive (30 s by default), so a stall is reported before it costs anything.
+LOOP_STALL_S = 1.0
+# How often the lag monitor wakes: cheap, and fine enough to time a stall.
+_LAG_TICK_S = 0.25
 
 
 class Node:
@@ -39,10 +46,19 @@ class Node:
         self.state = "idle"
         self.run_id: str | None = None
         self.round = 0
+        # The phase of the round being worked on (train, embed, balls), if any.
+        self.phase: str | None = None
         self.stopping = asyncio.Event()
         self.notifier = Notifier()
         self.heat = HeatGuard(config.health.pause_at_c, config.health.resume_at_c)
         self.too_hot = False
+        if config.health.temperature_file is not None:
+            self.health_reader = HealthReader(
+                thermal_file=config.health.temperature_file, sensors=None
+            )
+        else:
+            self.health_reader = HealthReader()
+        self.last_health: dict[str, Any] | None = None
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self.link = Link(
             config.broker,
@@ -68,6 +84,9 @@ class Node:
     async def on_connect(self) -> None:
         await self.publish_status()
 
+    async def on_heat(self, hot: bool) -> None:
+        """Called when the heat guard trips or clears; roles override."""
+
     # --- shared behaviour ----------------------------------------------------------
 
     @property
@@ -91,6 +110,7 @@ class Node:
                 "version": __version__,
                 "run": self.run_id,
                 "round": self.round,
+                "phase": self.phase,
                 "pid": os.getpid(),
                 "time": time.time(),
             }
@@ -100,11 +120,20 @@ class Node:
         if state != self.state:
             log.debug("state %s -> %s", self.state, state)
         self.state = state
-        self.notifier.status(f"{state}; run {self.run_id}; round {self.round}")
+        self.notifier.status(self.status_line())
         # While the broker is away the state is only recorded: on_connect
         # publishes it, and work such as loading data goes on meanwhile.
         if self.link.connected.is_set():
             await self.publish_status()
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: role, node, state, round, phase, run."""
+        parts = [f"{self.role} {self.node_id}: {self.state}"]
+        if self.round:
+            parts.append(" ".join(filter(None, (f"round {self.round}", self.phase))))
+        if self.run_id:
+            parts.append(f"run {self.run_id}")
+        return ", ".join(parts)
 
     async def publish_status(self) -> None:
         await self.link.publish(
@@ -120,7 +149,7 @@ class Node:
     async def _health_loop(self) -> None:
         warned = False
         while True:
-            health = await asyncio.to_thread(read_health)
+            health = await asyncio.to_thread(self.health_reader.read)
             hot = self.heat.update(health.get("temperature_c"))
             if hot != self.too_hot:
                 self.too_hot = hot
@@ -132,7 +161,9 @@ class Node:
                     )
                 else:
                     log.info("CPU cooled to %.1f C: resuming", health["temperature_c"])
+                await self.on_heat(hot)
             health.update(node=self.node_id, state=self.state, time=time.time())
+            self.last_health = health
             if self.link.connected.is_set():
                 try:
                     await self.link.publish(
@@ -144,6 +175,22 @@ class Node:
                         warned = True
             await asyncio.sleep(self.config.health.interval_s)
 
+    async def _loop_lag_loop(self) -> None:
+        # Wakes every tick and measures how late it woke: lateness is time the
+        # loop spent in someone else's callback, unable to answer the broker.
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(_LAG_TICK_S)
+            lag = loop.time() - before - _LAG_TICK_S
+            if lag > LOOP_STALL_S:
+                log.warning(
+                    "event loop stalled for %.1f s (state %s): something ran on the "
+                    "loop that belongs in a worker thread",
+                    lag,
+                    self.state,
+                )
+
     async def _watchdog_loop(self, interval: float) -> None:
         # Fed from the event loop on purpose: if training ever blocked the loop,
         # systemd would notice and restart us.
@@ -151,20 +198,32 @@ class Node:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
 
+    async def _ready_when_connected(self) -> None:
+        # systemd counts the unit as started only once the broker connection and
+        # its subscriptions are up (Link sets connected after subscribing); a
+        # broker that stays away past TimeoutStartSec= fails the start.
+        await self.link.connected.wait()
+        self.notifier.ready(self.status_line())
+
     async def serve(self) -> None:
         """Run until main() returns or a signal asks us to stop."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
+        self.notifier.status(
+            f"{self.role} {self.node_id}: connecting to broker "
+            f"{self.config.broker.host}:{self.config.broker.port}"
+        )
         link = self.spawn("link", self.link.run())
+        self.spawn("ready", self._ready_when_connected())
         self.spawn("health", self._health_loop())
+        self.spawn("loop-lag", self._loop_lag_loop())
         interval = self.notifier.watchdog_interval()
         if interval:
             self.spawn("watchdog", self._watchdog_loop(interval))
         main = self.spawn("main", self.main())
         stop = asyncio.ensure_future(self.stopping.wait())
-        self.notifier.ready(f"{self.role} {self.node_id} started")
         log.info(
             "%s %s started (federation %s, broker %s:%d)",
             self.role,

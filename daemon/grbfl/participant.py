@@ -13,8 +13,8 @@ import torch
 
 from . import wire
 from .config import Config
-from .data import load_image_folder, random_subset
-from .errors import DataError, GrbflError, WireError
+from .data import ImageSet, load_image_folder, random_subset
+from .errors import BrokerLimitError, DataError, GrbflError, WireError
 from .node import Node
 from .strategy import LocalData, Order, participant_work
 
@@ -40,9 +40,15 @@ class Participant(Node):
         self.working_key: tuple[str, int, str] | None = None
         # Last answer per (run, round, phase), republished if the aggregator asks
         # again (after its restart or a retried round) instead of redoing work.
-        self.answers: dict[tuple[str, int, str], list[bytes]] = {}
+        # Each answer is kept encoded, with its transfer id, so a resend after a
+        # broker restart completes a transfer the aggregator got only part of.
+        self.answers: dict[tuple[str, int, str], tuple[str, bytes]] = {}
         self.answered_announce: set[str] = set()
         self.data: LocalData | None = None
+        # Heat: set when the CPU cools; seconds an order waited for that, sent
+        # with the next update so the round's metrics show the time lost.
+        self.cooled = asyncio.Event()
+        self.heat_lost_s = 0.0
         # Set when the aggregator announces that the run is over.
         self._finished = False
         self._refused_runs: set[str] = set()
@@ -117,6 +123,10 @@ class Participant(Node):
     def on_shutdown(self) -> None:
         self.stop_work.set()
 
+    async def on_heat(self, hot: bool) -> None:
+        if not hot:
+            self.cooled.set()
+
     async def _load_data(self) -> LocalData:
         cfg = self.config
         files = None
@@ -144,6 +154,12 @@ class Participant(Node):
             )
         except DataError as exc:
             raise DataError(f"{cfg.source}: data.dir: {exc}") from exc
+        # Converting and hashing the images takes seconds for a large folder:
+        # off the loop, like the decoding.
+        return await asyncio.to_thread(self._local_data, images)
+
+    def _local_data(self, images: ImageSet) -> LocalData:
+        cfg = self.config
         if cfg.data.limit and len(images) > cfg.data.limit:
             images = random_subset(images, cfg.data.limit, seed=self.config.model.seed)
         if len(images) == 0:
@@ -183,25 +199,42 @@ class Participant(Node):
                     order.round,
                     order.phase,
                 )
-                await self._send(self.answers[order.key])
+                await self._send(order, self.answers[order.key])
                 self.answered_announce.add(order.announce)
                 continue
             if order.strategy != "balls" and order.model_digest not in self.models:
                 continue  # woken again when the model arrives
             if self.too_hot:
-                await self.set_state("paused-hot")
-                await self._wait_until_cool()
+                await self._wait_until_cool(order)
                 self.wake.set()
                 continue
             await self._do(order)
 
-    async def _wait_until_cool(self) -> None:
-        while self.too_hot and not self.stopping.is_set():
-            await asyncio.sleep(self.config.health.interval_s)
+    async def _wait_until_cool(self, order: Order) -> None:
+        """Hold an order while the CPU is too hot, counting the time lost.
+
+        paused-hot tells the aggregator not to wait for this node; the seconds
+        held go with the next update, into the round's metrics.
+        """
+        self.run_id, self.round, self.phase = order.run, order.round, order.phase
+        await self.set_state("paused-hot")
+        paused = time.monotonic()
+        try:
+            while self.too_hot:
+                self.cooled.clear()
+                await self.cooled.wait()
+        finally:
+            self.heat_lost_s += time.monotonic() - paused
+        log.info(
+            "round %d %s: resuming after %.1f s paused for heat",
+            order.round,
+            order.phase,
+            self.heat_lost_s,
+        )
 
     async def _do(self, order: Order) -> None:
         assert self.data is not None
-        self.run_id, self.round = order.run, order.round
+        self.run_id, self.round, self.phase = order.run, order.round, order.phase
         self.working_key = order.key
         self.stop_work.clear()
         await self.set_state(_WORK_STATE.get(order.phase, "training"))
@@ -250,23 +283,42 @@ class Participant(Node):
         body["timings"]["download_s"] = self.model_arrival.get(
             order.model_digest or "", 0.0
         )
+        body["timings"]["heat_s"] = self.heat_lost_s
+        self.heat_lost_s = 0.0
         await self.set_state("uploading")
         encoded = await asyncio.to_thread(wire.encode_cbor, body)
-        parts = wire.split(encoded, self.config.broker.chunk_bytes)
-        self.answers = {order.key: parts}
+        answer = (uuid.uuid4().hex, encoded)
+        self.answers = {order.key: answer}
         start = time.monotonic()
-        await self._send(parts)
+        if await self._send(order, answer):
+            log.info(
+                "round %d %s: sent %.1f kB in %.2f s",
+                order.round,
+                order.phase,
+                len(encoded) / 1e3,
+                time.monotonic() - start,
+            )
         self.answered_announce.add(order.announce)
-        log.info(
-            "round %d %s: sent %.1f kB in %.2f s",
-            order.round,
-            order.phase,
-            len(encoded) / 1e3,
-            time.monotonic() - start,
-        )
         await self.set_state("idle")
         self.wake.set()
 
-    async def _send(self, parts: list[bytes]) -> None:
-        for part in parts:
-            await self.link.publish(self.topics.updates(self.node_id), part)
+    async def _send(self, order: Order, answer: tuple[str, bytes]) -> bool:
+        """Upload an encoded update; False, said in the log, if the broker refuses
+        it for its size (it is tried again only when the aggregator asks again)."""
+        xfer, encoded = answer
+        topic = self.topics.updates(self.node_id)
+        try:
+            await self.link.publish_bulk(lambda _: topic, encoded, xfer=xfer)
+        except BrokerLimitError as exc:
+            log.error(
+                "round %d %s: cannot send the update of %d bytes: %s; "
+                "broker.chunk_bytes in %s is %d: set it below the broker's limit",
+                order.round,
+                order.phase,
+                len(encoded),
+                exc,
+                self.config.source,
+                self.config.broker.chunk_bytes,
+            )
+            return False
+        return True

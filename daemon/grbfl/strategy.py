@@ -38,7 +38,7 @@ from .balls import (
 )
 from .errors import WireError
 from .models import MODEL_NAMES, GrbflNet, build_model, head_keys
-from .training import TrainSettings, embed, evaluate, train, train_head
+from .training import Evaluation, TrainSettings, assess, embed, train, train_head
 from .weights import load_numpy_state, state_to_numpy
 
 log = logging.getLogger(__name__)
@@ -349,10 +349,20 @@ class ServerStrategy:
         return state_to_numpy(self.model)
 
     def expected_weights(self, phase: str) -> dict[str, np.ndarray] | None:
+        """The arrays an update's weights must match in name, shape and dtype.
+
+        Views of the model's tensors, not copies: only their shapes and dtypes are
+        read, and copying a ResNet-18 for every update validated cost as much as
+        averaging it.
+        """
         if phase != "train":
             return None
         exclude = self._head if self.name == "grbfl" else set()
-        return state_to_numpy(self.model, exclude=exclude)
+        return {
+            name: tensor.detach().cpu().numpy()
+            for name, tensor in self.model.state_dict().items()
+            if name not in exclude
+        }
 
     def ball_dim(self, phase: str) -> int:
         if phase == "embed":
@@ -490,5 +500,5 @@ class ServerStrategy:
             if v.dtype.kind == "f"
         )
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        return evaluate(self.model, x, y)
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Evaluation:
+        return assess(self.model, x, y)

@@ -32,6 +32,10 @@ class Topics:
         return f"{self.base}/nodes/+/status"
 
     @property
+    def any_health(self) -> str:
+        return f"{self.base}/nodes/+/health"
+
+    @property
     def run(self) -> str:
         return f"{self.base}/run"
 

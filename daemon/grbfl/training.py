@@ -358,11 +358,22 @@ def train_head(
         head.train(was_training)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model did on a labelled set."""
+
+    accuracy: float
+    loss: float  # mean cross-entropy
+    predicted: np.ndarray  # int64 (classes,): how often each class was predicted
+    actual: np.ndarray  # int64 (classes,): how often each class is the label
+
+
 @torch.no_grad()
-def evaluate(
+def assess(
     model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512
-) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of model on x, y; eval mode, no gradients."""
+) -> Evaluation:
+    """Accuracy, loss and prediction counts of model on x, y; eval mode, no
+    gradients."""
     _check_inputs(x, y)
     if len(x) == 0:
         raise ValueError("cannot evaluate on an empty set")
@@ -371,15 +382,34 @@ def evaluate(
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
+    predicted: np.ndarray | None = None
     try:
         for start in range(0, len(x), batch_size):
             logits = model(_to_tensor(x[start : start + batch_size], device))
             yb = labels[start : start + batch_size].to(device)
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
+            guess = logits.argmax(1)
+            correct += int((guess == yb).sum())
+            counts = np.bincount(guess.cpu().numpy(), minlength=logits.shape[1])
+            predicted = counts if predicted is None else predicted + counts
     finally:
         model.train(was_training)
-    return correct / len(x), loss_sum / len(x)
+    assert predicted is not None  # x is not empty
+    actual = np.bincount(labels.numpy(), minlength=len(predicted))
+    return Evaluation(
+        correct / len(x),
+        loss_sum / len(x),
+        predicted.astype(np.int64),
+        actual.astype(np.int64),
+    )
+
+
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of model on x, y; eval mode, no gradients."""
+    result = assess(model, x, y, batch_size)
+    return result.accuracy, result.loss
 
 
 @torch.no_grad()

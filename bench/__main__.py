@@ -1,0 +1,105 @@
+"""`python -m bench`: measure every figure, print the table, write results.json.
+
+    python -m bench                      everything (what `make bench` runs)
+    python -m bench --quick              each kind of figure once, smaller
+    python -m bench --only wire,memory   some groups only
+    python -m bench --tiny --out X.json  the machinery at toy sizes (the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.context import DEFAULT_DATA, Context
+from bench.report import Figure, machine, markdown, table, write_results
+
+# Groups in the order of the issue's figures; each names the module that measures it.
+GROUPS = {
+    "aggregation": "bench.aggregation",
+    "wire": "bench.transfer",
+    "orchestration": "bench.orchestration",
+    "clustering": "bench.clustering",
+    "memory": "bench.memory",
+    "rounds": "bench.rounds",
+}
+# Groups that start whole simulated federations: too slow for --tiny.
+_TINY_SKIPS = ("memory", "rounds")
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0]
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller, for development")
+    size.add_argument("--tiny", action="store_true", help="toy sizes, for the tests")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated groups to run (of {', '.join(GROUPS)})",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="CIFAR-10 folder with train/ and test/ (default: %(default)s)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    wanted = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = [g for g in wanted if g not in GROUPS]
+    if unknown:
+        parser.error(f"--only: unknown group {unknown[0]!r}; choose from {list(GROUPS)}")
+    args.groups = wanted or [
+        g for g in GROUPS if not (args.tiny and g in _TINY_SKIPS)
+    ]
+    args.mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    data = args.data if (args.data / "train").is_dir() else None
+    started = machine()
+    workdir = Path(tempfile.mkdtemp(prefix="grbfl-bench-"))
+    ctx = Context(args.mode, data, workdir, quiet=args.quiet)
+    if data is None and args.mode != "tiny":
+        ctx.say(f"no CIFAR-10 under {args.data}: clustering and rounds use the digits")
+    figures: list[Figure] = []
+    try:
+        for group in args.groups:
+            ctx.say(f"== {group}")
+            began = time.monotonic()
+            module = importlib.import_module(GROUPS[group])
+            figures += module.run(ctx)
+            ctx.say(f"== {group} done in {time.monotonic() - began:.0f} s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    write_results(args.out, figures, mode=args.mode, started=started)
+    print(table(figures))
+    if args.markdown:
+        print()
+        print(markdown(figures))
+    load = started["load_average"][0]
+    print(
+        f"\n{len(figures)} figures in {time.monotonic() - ctx.started:.0f} s on "
+        f"{started['cores']} cores (load average {load:.1f} at the start); "
+        f"written to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Network and process faults (issue 5, cases 1 to 8), against a real Mosquitto.
+
+Every federation here is real `grbfl run` processes on the bundled digits, kept
+small (fedavg, a few hundred images, one or two local epochs) so that each test
+takes seconds. Faults are made the way they happen: brokers with small size
+limits, a broker stopped and started again without persistence, signals, bytes
+published again on the broker, checkpoint files cut short. The one hook the
+product has for tests is GRBFL_TEST_KILL_AT (aggregator.TEST_KILL_AT_ENV), which
+makes the aggregator SIGKILL itself at a chosen point of a chosen round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from grbfl import wire
+from grbfl.aggregate import weighted_average
+from grbfl.aggregator import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    TEST_KILL_AT_ENV,
+    read_checkpoint,
+)
+from grbfl.broker import PrivateBroker
+from grbfl.config import BrokerConfig, dump_toml
+from grbfl.data import load_image_folder
+from grbfl.errors import BrokerLimitError
+from grbfl.link import ENVELOPE_BYTES, Link
+from grbfl.models import build_model
+from grbfl.simulate import FEDERATION, Federation, SimOptions, prepare, read_metrics
+from grbfl.topics import Topics
+from grbfl.training import TrainSettings, train
+
+pytestmark = pytest.mark.broker
+
+TOPICS = Topics(FEDERATION)
+# A size limit far below one model (1.6 MB), so everything bulk must be chunked.
+SMALL_LIMIT = 20_000
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    """One chunked payload as seen on the broker."""
+
+    topic: str
+    parts: dict[int, bytes] = field(default_factory=dict)
+    count: int = 0
+    completed_at: float = 0.0
+
+    def data(self) -> bytes:
+        envelopes = [cbor2.loads(self.parts[i]) for i in range(self.count)]
+        return b"".join(e["data"] for e in envelopes)
+
+    def body(self) -> Any:
+        return wire.decode_cbor(self.data(), limit=1 << 30)
+
+
+class Watcher:
+    """Records every grbfl message with its arrival time, like mosquitto_sub -v,
+    and subscribes again whenever it reconnects (the broker may restart)."""
+
+    def __init__(self, broker: PrivateBroker) -> None:
+        self.messages: list[tuple[float, str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, f"test-watcher-{uuid.uuid4().hex[:6]}"
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "watcher could not subscribe"
+
+    def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
+        client.subscribe("grbfl/#", qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append(
+                (time.monotonic(), msg.topic, bytes(msg.payload), bool(msg.retain))
+            )
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def snapshot(self) -> list[tuple[float, str, bytes, bool]]:
+        with self.lock:
+            return list(self.messages)
+
+    def json_on(self, topic: str) -> list[tuple[float, dict[str, Any]]]:
+        return [
+            (t, json.loads(p)) for t, top, p, _ in self.snapshot() if top == topic and p
+        ]
+
+    def transfers(self, prefix: str) -> list[Transfer]:
+        """Complete chunked transfers on topics starting with prefix, in the
+        order they completed (a transfer sent again completes again)."""
+        pending: dict[str, Transfer] = {}
+        done: list[Transfer] = []
+        for t, topic, payload, _ in self.snapshot():
+            if not topic.startswith(prefix) or not payload:
+                continue
+            envelope = cbor2.loads(payload)
+            xfer = pending.setdefault(envelope["xfer"], Transfer(topic))
+            xfer.count = envelope["parts"]
+            xfer.parts[envelope["part"]] = payload
+            if len(xfer.parts) == xfer.count:
+                xfer.completed_at = t
+                done.append(pending.pop(envelope["xfer"]))
+        return done
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    what: str,
+    fed: Federation | None = None,
+    timeout: float = 60.0,
+) -> Any:
+    """Poll until condition() is truthy; fail with every daemon's log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tails = ""
+            if fed is not None:
+                tails = "".join(
+                    f"\n--- {node}:\n{fed.log_tail(node, 30)}" for node in fed.configs
+                )
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{tails}")
+        time.sleep(0.05)
+
+
+def log_of(fed: Federation, node: str) -> str:
+    return fed.log_path(node).read_text(errors="replace")
+
+
+def connections(broker: PrivateBroker, node: str) -> int:
+    """How often the daemon of node connected, from Mosquitto's log."""
+    text = broker.log_path.read_text(errors="replace")
+    return text.count(f" as grbfl-{FEDERATION}-{node} (")
+
+
+def make_federation(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    *,
+    participants: int = 2,
+    rounds: int = 1,
+    min_participants: int | None = None,
+    deadline_s: float = 60.0,
+    local_epochs: int = 1,
+    limits: dict[str, int] | None = None,
+    settings: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> tuple[Federation, Path]:
+    """Configs for a small fedavg federation on the digits; nothing started yet.
+
+    limits caps each participant's images (data.limit); settings adds config keys
+    per node, as {node: {section: {key: value}}}.
+    """
+    train_dir, test_dir = digits_dirs
+    opts = SimOptions(
+        data=train_dir,
+        test_data=test_dir,
+        participants=participants,
+        rounds=rounds,
+        strategy="fedavg",
+        broker=f"{broker.host}:{broker.port}",
+        workdir=tmp_path / "sim",
+        quiet=True,
+        deadline_s=deadline_s,
+        local_epochs=local_epochs,
+        lr=0.02,
+        augment=False,
+    )
+    workdir = tmp_path / "sim"
+    workdir.mkdir()
+    fed, agg_state = prepare(opts, workdir, broker.host, broker.port)
+    changes: dict[str, dict[str, dict[str, Any]]] = {
+        "aggregator": {
+            "rounds": {"min_participants": min_participants or participants},
+            # The first local steps of a round at full rate; no warm-up needed here.
+            "training": {"warmup_steps": 0},
+        }
+    }
+    for node, limit in (limits or {}).items():
+        changes.setdefault(node, {}).setdefault("data", {})["limit"] = limit
+    for node, sections in (settings or {}).items():
+        for section, values in sections.items():
+            changes.setdefault(node, {}).setdefault(section, {}).update(values)
+    for node, sections in changes.items():
+        path = fed.configs[node]
+        raw = tomllib.loads(path.read_text())
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        path.write_text(dump_toml(raw))
+    return fed, agg_state
+
+
+def start_all(fed: Federation) -> None:
+    for node in fed.configs:
+        fed.start(node)
+
+
+def finish(fed: Federation, timeout: float = 120.0) -> None:
+    """Wait for the aggregator to exit after the last round; it must succeed."""
+    code = wait_for(
+        lambda: fed.processes["aggregator"].poll() is not None,
+        "the aggregator to finish the run",
+        fed,
+        timeout,
+    )
+    assert code and fed.processes["aggregator"].returncode == 0, fed.log_tail(
+        "aggregator", 40
+    )
+
+
+def metrics_lines(agg_state: Path) -> list[dict[str, Any]]:
+    path = agg_state / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Any]]:
+    """Things to stop after a test, whatever happened: federations, watchers."""
+    things: list[Any] = []
+    yield things
+    for thing in reversed(things):
+        if isinstance(thing, Federation):
+            thing.stop_all()
+        else:
+            thing.stop()
+
+
+def small_broker(tmp_path: Path, **settings: str | int) -> Iterator[PrivateBroker]:
+    with PrivateBroker(tmp_path / "broker", settings=settings) as running:
+        yield running
+
+
+@pytest.fixture
+def packet_limited_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    """Mosquitto that disconnects clients sending packets over SMALL_LIMIT bytes
+    (and says so in its CONNACK, to MQTT 5 clients)."""
+    yield from small_broker(tmp_path, max_packet_size=SMALL_LIMIT)
+
+
+@pytest.fixture
+def message_limited_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
+    """Mosquitto that drops publishes over SMALL_LIMIT bytes of payload, and tells
+    no client about its limit (the deprecated message_size_limit)."""
+    yield from small_broker(tmp_path, message_size_limit=SMALL_LIMIT)
+
+
+def run_links(broker: PrivateBroker, scenario: Callable[..., Any]) -> Any:
+    """Run scenario(talker, listener, received) with two connected Links."""
+    received: list[tuple[str, bytes]] = []
+
+    async def handler(topic: str, payload: bytes, retained: bool) -> None:
+        received.append((topic, payload))
+
+    async def main() -> Any:
+        cfg = BrokerConfig(host=broker.host, port=broker.port, keepalive=5)
+        talker = Link(cfg, "t-talker", [], handler)
+        listener = Link(cfg, "t-listener", ["t/#"], handler)
+        tasks = [asyncio.create_task(talker.run()), asyncio.create_task(listener.run())]
+        try:
+            await talker.wait_connected(10)
+            await listener.wait_connected(10)
+            return await scenario(talker, listener, received)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+# --- 1. oversized payloads ---------------------------------------------------------
+
+
+def test_bulk_payload_is_cut_to_the_packet_limit_the_broker_announces(
+    packet_limited_broker: PrivateBroker,
+) -> None:
+    """A 200 kB payload through a broker taking 20 kB packets arrives whole, in
+    chunks cut to the limit from the broker's CONNACK, with no disconnect."""
+    broker = packet_limited_broker
+    body = np.random.default_rng(0).bytes(200_000)
+
+    async def scenario(
+        talker: Link, listener: Link, received: list[Any]
+    ) -> tuple[int, list[tuple[str, bytes]]]:
+        assert talker.max_packet == SMALL_LIMIT
+        count = await talker.publish_bulk(lambda _: "t/bulk", body, xfer="x" * 32)
+        for _ in range(100):
+            if len(received) == count:
+                break
+            await asyncio.sleep(0.05)
+        return count, list(received)
+
+    count, received = run_links(broker, scenario)
+
+    assert count >= 10
+    assert len(received) == count
+    assert all(len(p) + len(t) + 24 <= SMALL_LIMIT for t, p in received)
+    reassembler = wire.Reassembler(1 << 20, max_pending=1)
+    results = [reassembler.add(p) for _, p in received]
+    assert results[-1] is not None and results[-1][1] == body
+    # The envelope around a chunk stays within what the Link leaves room for.
+    envelope = wire.split(b"x" * 5000, 1000, xfer="f" * 64)[0]
+    assert len(envelope) - 1000 <= ENVELOPE_BYTES
+    log = broker.log_path.read_text()
+    assert "oversize" not in log
+    assert log.count(" as t-talker (") == 1
+
+
+def test_message_over_message_size_limit_fails_once_naming_its_size(
+    message_limited_broker: PrivateBroker,
+) -> None:
+    """A broker that silently refuses large publishes: the publish fails with an
+    error naming the message's size, is not resent after the reconnect, and the
+    link goes on carrying messages that fit."""
+    broker = message_limited_broker
+
+    async def scenario(
+        talker: Link, listener: Link, received: list[Any]
+    ) -> tuple[BrokerLimitError, float]:
+        started = time.monotonic()
+        with pytest.raises(BrokerLimitError) as caught:
+            await asyncio.wait_for(talker.publish("t/big", b"b" * 30_000), 20)
+        seconds = time.monotonic() - started
+        await talker.publish("t/small", b"fits")
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert [t for t, _ in received] == ["t/small"]
+        await asyncio.sleep(2.0)  # time for a resend loop to show itself
+        return caught.value, seconds
+
+    error, seconds = run_links(broker, scenario)
+
+    assert "30,000-byte message on t/big" in str(error)
+    assert error.size == 30_000
+    assert seconds < 10
+    log = broker.log_path.read_text()
+    assert log.count(" as t-talker (") == 2  # the broker's disconnect, then back
+
+
+@pytest.mark.slow
+def test_model_and_update_arrive_whole_through_a_small_max_packet_size(
+    tmp_path: Path,
+    packet_limited_broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """With broker.chunk_bytes at its 256 KiB default and a broker taking 20 kB
+    packets, the 1.6 MB model and update go through in chunks that fit: the
+    round completes and no daemon is ever disconnected."""
+    broker = packet_limited_broker
+    watcher = Watcher(broker)
+    cleanup.append(watcher)
+    fed, agg_state = make_federation(
+        tmp_path, broker, digits_dirs, participants=1, limits={"p1": 100}
+    )
+    cleanup.append(fed)
+    start_all(fed)
+    finish(fed)
+
+    assert [(r["round"], r["participants"]) for r in read_metrics(agg_state)] == [
+        (1, ["p1"])
+    ]
+    for prefix in (f"{TOPICS.base}/model/", TOPICS.updates("p1")):
+        transfers = watcher.transfers(prefix)
+        assert transfers, prefix
+        assert transfers[0].count > 50, prefix
+        assert all(
+            len(part) + len(transfers[0].topic) + 24 <= SMALL_LIMIT
+            for part in transfers[0].parts.values()
+        )
+    assert "oversize" not in broker.log_path.read_text()
+    assert connections(broker, "aggregator") == connections(broker, "p1") == 1
+
+
+@pytest.mark.slow
+def test_update_over_message_size_limit_fails_naming_sizes_and_the_node_stays_up(
+    tmp_path: Path,
+    message_limited_broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """p1's chunks fit under the broker's 20 kB message_size_limit, p2's (the
+    256 KiB default) do not: p2 says which sizes do not fit, once, without
+    resending; it stays up, and the round closes with p1 at its deadline."""
+    broker = message_limited_broker
+    fits = {"broker": {"chunk_bytes": 16_384}}
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        min_participants=1,
+        deadline_s=8.0,
+        limits={"p1": 64, "p2": 64},
+        settings={"aggregator": fits, "p1": fits},
+    )
+    cleanup.append(fed)
+    start_all(fed)
+
+    wait_for(lambda: "cannot send the update" in log_of(fed, "p2"), "p2's error", fed)
+    finish(fed)
+
+    p2_log = log_of(fed, "p2")
+    assert p2_log.count("cannot send the update") == 1
+    assert "broker.chunk_bytes in" in p2_log and "is 262144" in p2_log
+    assert "message size limit" in p2_log and "-byte message on" in p2_log
+    assert fed.processes["p2"].poll() is None, "p2 must stay up"
+    # One connection for the work, one after the broker closed it over the chunk.
+    assert connections(broker, "p2") == 2
+    assert [(r["round"], r["participants"]) for r in read_metrics(agg_state)] == [
+        (1, ["p1"])
+    ]
+
+
+@pytest.mark.slow
+def test_model_over_message_size_limit_stops_the_aggregator_with_a_config_error(
+    tmp_path: Path,
+    message_limited_broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """An aggregator whose model chunks the broker refuses exits at once with the
+    configuration-error status (systemd does not restart it) and a message that
+    names the model's size, the chunk size and the setting to change."""
+    broker = message_limited_broker
+    fed, _ = make_federation(
+        tmp_path, broker, digits_dirs, participants=1, limits={"p1": 64}
+    )
+    cleanup.append(fed)
+    start_all(fed)
+
+    code = wait_for(
+        lambda: fed.processes["aggregator"].poll() is not None,
+        "the aggregator to give up",
+        fed,
+    )
+    assert code is not None and fed.processes["aggregator"].returncode == 78
+    text = log_of(fed, "aggregator")
+    assert "configuration error" in text and "broker.chunk_bytes = 262144" in text
+    assert "cannot publish the model of 1,5" in text
+    assert "message size limit" in text
+    assert connections(broker, "aggregator") <= 2
+
+
+# --- 2. broker restarts ------------------------------------------------------------
+
+
+def restart(broker: PrivateBroker) -> None:
+    """Stop Mosquitto and start it again on the same port; it keeps nothing."""
+    broker.stop()
+    broker.start()
+
+
+@pytest.mark.slow
+def test_every_round_finishes_through_broker_restarts_between_and_during_rounds(
+    tmp_path: Path, digits_dirs: tuple[Path, Path], cleanup: list[Any]
+) -> None:
+    """Mosquitto without persistence restarts right after round 1 and again while
+    round 3 trains: daemons reconnect with backoff, the aggregator puts back the
+    run and model the broker lost and asks again, and every round finishes with
+    both participants, at the first attempt, without waiting out a deadline."""
+    broker = PrivateBroker(tmp_path / "broker").start()
+    cleanup.append(broker)
+    watcher = Watcher(broker)
+    cleanup.append(watcher)
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        rounds=3,
+        deadline_s=120.0,
+        local_epochs=2,
+        limits={"p1": 200, "p2": 200},
+    )
+    cleanup.append(fed)
+    start_all(fed)
+
+    # Between rounds: as soon as round 1 is on disk.
+    wait_for(lambda: read_metrics(agg_state), "round 1 to finish", fed)
+    restart(broker)
+    # In the middle of a round: while the participants train for round 3.
+    wait_for(
+        lambda: "round 3 train: working" in log_of(fed, "p1"),
+        "round 3 to start",
+        fed,
+    )
+    restarted = time.monotonic()
+    restart(broker)
+    finish(fed)
+
+    records = read_metrics(agg_state)
+    assert [(r["round"], r["participants"], r["attempts"]) for r in records] == [
+        (1, ["p1", "p2"], 1),
+        (2, ["p1", "p2"], 1),
+        (3, ["p1", "p2"], 1),
+    ]
+    assert all(r["seconds"]["round"] < 60 for r in records), records
+    assert len(metrics_lines(agg_state)) == 3
+    for node in ("aggregator", "p1", "p2"):
+        text = log_of(fed, node)
+        assert text.count("reconnected to broker") >= 2, node
+        assert "unreachable" in text and "retrying in" in text, node
+        assert connections(broker, node) >= 3, node
+    # The restarted broker held nothing; the aggregator put back round 3's run
+    # message and the model whose digest it names.
+    assert "published round 3 train again" in log_of(fed, "aggregator")
+    runs = [
+        body
+        for t, body in watcher.json_on(TOPICS.run)
+        if t > restarted and (body["round"], body["phase"]) == (3, "train")
+    ]
+    assert runs, "no round-3 run message after the restart"
+    models = {
+        wire.digest_of(x.data())
+        for x in watcher.transfers(f"{TOPICS.base}/model/")
+        if x.completed_at > restarted
+    }
+    assert runs[0]["model_digest"] in models
+
+
+# --- 3. long local work ------------------------------------------------------------
+
+
+class FakeNotifySocket:
+    """systemd's notify socket, played by the test: every datagram with its time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode(errors="replace")))
+
+    def pings(self) -> list[float]:
+        return [t for t, m in self.messages if "WATCHDOG=1" in m.splitlines()]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def seconds_per_epoch(train_dir: Path, images: int) -> float:
+    """How long one local epoch on `images` digits takes on one thread, now."""
+    import torch
+
+    data = load_image_folder(train_dir, tuple(str(d) for d in range(10)))
+    x, y = data.as_float()[:images], data.labels[:images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        train(
+            build_model("cnn", 10),
+            x,
+            y,
+            TrainSettings(epochs=1, batch_size=64, lr=0.02, augment=False, seed=0),
+        )
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_training_longer_than_several_keepalives_keeps_link_and_watchdog_alive(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A participant with a 5 s keepalive trains for about four keepalives and
+    sends nothing else meanwhile (health once an hour): the broker never times it
+    out, it never reconnects, and its systemd watchdog pings keep coming."""
+    keepalive = 5
+    images = 300
+    epochs = math.ceil(4 * keepalive / seconds_per_epoch(digits_dirs[0], images))
+    notify = FakeNotifySocket(tmp_path / "notify")
+    cleanup.append(notify)
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        participants=1,
+        local_epochs=epochs,
+        limits={"p1": images},
+        settings={
+            "p1": {
+                "broker": {"keepalive": keepalive},
+                "training": {"threads": 1},
+                "health": {"interval_s": 3600.0},
+            }
+        },
+    )
+    cleanup.append(fed)
+    fed.start("aggregator")
+    with monkeypatch.context() as env:
+        env.setenv("NOTIFY_SOCKET", str(notify.path))
+        env.setenv("WATCHDOG_USEC", "2000000")  # pings every second
+        fed.start("p1")
+    finish(fed, timeout=180)
+
+    (record,) = read_metrics(agg_state)
+    trained = record["seconds"]["local_training"]
+    assert record["participants"] == ["p1"]
+    assert trained > 2 * keepalive, f"training took only {trained:.1f} s"
+    assert "exceeded timeout" not in broker.log_path.read_text()
+    assert connections(broker, "p1") == 1
+    assert "unreachable" not in log_of(fed, "p1")
+    pings = notify.pings()
+    gaps = np.diff(pings)
+    assert len(pings) >= trained, f"{len(pings)} pings in {trained:.0f} s of training"
+    assert gaps.max() < 2.0, f"the watchdog went {gaps.max():.1f} s without a ping"
