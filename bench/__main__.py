@@ -1,9 +1,9 @@
 """`python -m bench`: measure every figure, print the table, write results.json.
 
-    python -m bench                      everything (what `make bench` runs)
-    python -m bench --quick              each kind of figure once, smaller
-    python -m bench --only wire,memory   some groups only
-    python -m bench --tiny --out X.json  the machinery at toy sizes (the tests)
+python -m bench                      everything (what `make bench` runs)
+python -m bench --quick              each kind of figure once, smaller
+python -m bench --only wire,memory   some groups only
+python -m bench --tiny --out X.json  the machinery at toy sizes (the tests)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import rounds
 from bench.context import DEFAULT_DATA, Context
 from bench.report import Figure, machine, markdown, table, write_results
 
@@ -53,23 +54,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_DATA,
         help="CIFAR-10 folder with train/ and test/ (default: %(default)s)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="limit torch, BLAS and OpenMP threads in this process (default: the "
+        "libraries' own choice, as the daemons make it; 1 with --tiny)",
+    )
     parser.add_argument("--markdown", action="store_true", help="also print Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = [g for g in wanted if g not in GROUPS]
     if unknown:
-        parser.error(f"--only: unknown group {unknown[0]!r}; choose from {list(GROUPS)}")
-    args.groups = wanted or [
-        g for g in GROUPS if not (args.tiny and g in _TINY_SKIPS)
-    ]
+        parser.error(
+            f"--only: unknown group {unknown[0]!r}; choose from {list(GROUPS)}"
+        )
+    args.groups = wanted or [g for g in GROUPS if not (args.tiny and g in _TINY_SKIPS)]
     args.mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    threads = 1 if args.threads is None and args.tiny else args.threads
+    if threads:
+        # Toy sizes gain nothing from threads, and on a busy machine their pools
+        # spin against the other work for many times the toy's own cost.
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
     data = args.data if (args.data / "train").is_dir() else None
     started = machine()
     workdir = Path(tempfile.mkdtemp(prefix="grbfl-bench-"))
@@ -89,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
 
     write_results(args.out, figures, mode=args.mode, started=started)
     print(table(figures))
+    if any(fig.group == rounds.GROUP for fig in figures):
+        print("\nseconds per phase of one round (figure 6):")
+        print(rounds.breakdown(figures))
     if args.markdown:
         print()
         print(markdown(figures))
+        if any(fig.group == rounds.GROUP for fig in figures):
+            print()
+            print(rounds.breakdown(figures, markdown=True))
     load = started["load_average"][0]
     print(
         f"\n{len(figures)} figures in {time.monotonic() - ctx.started:.0f} s on "

@@ -113,8 +113,8 @@ def _ball_figures(ctx: Context) -> list[Figure]:
         balls = synthetic_balls(participants, each)
         bodies = ball_bodies(balls)
         repeats = 1 if each >= 1000 else 3
-        seconds, info = best_of(repeats, lambda: aggregate(strategy, "embed", bodies))
-        baseline, _ = best_of(repeats, lambda: naive_nearest(balls))
+        seconds, info = best_of(repeats, aggregate, strategy, "embed", bodies)
+        baseline, _ = best_of(repeats, naive_nearest, balls)
         goal = None
         if participants == 100:
             goal = GOAL_BALLS_1000 if each == 1000 else GOAL_BALLS_100
@@ -167,9 +167,9 @@ def _fedavg_figures(ctx: Context, model: str, counts: list[int]) -> list[Figure]
             for i in range(count)
         ]
         repeats = 2 if count * payload > 1e9 else 3
-        seconds, _ = best_of(repeats, lambda: aggregate(strategy, "train", bodies))
+        seconds, _ = best_of(repeats, aggregate, strategy, "train", bodies)
         baseline, _ = best_of(
-            repeats, lambda: bare_weighted_sum(states[:count], samples[:count])
+            repeats, bare_weighted_sum, states[:count], samples[:count]
         )
         figures.append(
             Figure(

@@ -91,8 +91,8 @@ class Figure:
         }
 
 
-def best_of(repeats: int, work: Callable[[], Any]) -> tuple[float, Any]:
-    """The shortest wall time of several runs of work, and the last run's result.
+def best_of(repeats: int, work: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    """The shortest wall time of several runs of work(*args), and the last result.
 
     The minimum, not the mean: other processes only ever add time, so the fastest
     run is the closest to what the work itself costs.
@@ -101,7 +101,7 @@ def best_of(repeats: int, work: Callable[[], Any]) -> tuple[float, Any]:
     result = None
     for _ in range(max(1, repeats)):
         started = time.perf_counter()
-        result = work()
+        result = work(*args)
         times.append(time.perf_counter() - started)
     return min(times), result
 
@@ -187,7 +187,9 @@ def table(figures: list[Figure]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(rows[0]))]
 
     def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+        return "  ".join(
+            cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+        ).rstrip()
 
     out = [fmt(rows[0])]
     out += [line if isinstance(line, str) else fmt(line) for line in lines]

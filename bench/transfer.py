@@ -266,32 +266,47 @@ async def c_clients_time(
     """Seconds for Mosquitto's own C clients to move the body as one message: how
     fast this broker moves these bytes at all. None when they are not installed."""
     pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
-    if pub is None or sub is None:
+    unbuffered = shutil.which("stdbuf")
+    if pub is None or sub is None or unbuffered is None:
         return None
     address = ["-h", broker.host, "-p", str(broker.port), "-t", topic, "-q", "1"]
     times = []
     for _ in range(repeats):
-        # -d prints SUBACK once the subscription stands; the payload follows on the
-        # same stream and is drained.
+        # -d prints SUBACK once the subscription stands (unbuffered, so it arrives
+        # at once); the payload follows on the same stream and is drained.
         receiver = await asyncio.create_subprocess_exec(
-            sub, *address, "-C", "1", "-N", "-d", stdout=asyncio.subprocess.PIPE
+            unbuffered,
+            "-o0",
+            sub,
+            *address,
+            "-C",
+            "1",
+            "-N",
+            "-d",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
-        assert receiver.stdout is not None
-        seen = b""
-        while b"SUBACK" not in seen:
-            chunk = await asyncio.wait_for(receiver.stdout.read(4096), 30)
-            if not chunk:
-                raise RuntimeError("mosquitto_sub exited before subscribing")
-            seen = seen[-16:] + chunk
-        drain = asyncio.create_task(_drain(receiver.stdout), name="drain-sub")
-        started = time.monotonic()
-        sender = await asyncio.create_subprocess_exec(
-            pub, *address, "-f", str(body_file)
-        )
-        await sender.wait()
-        await asyncio.wait_for(receiver.wait(), _RECEIVER_TIMEOUT_S)
-        times.append(time.monotonic() - started)
-        await drain
+        try:
+            assert receiver.stdout is not None
+            seen = b""
+            while b"SUBACK" not in seen:
+                chunk = await asyncio.wait_for(receiver.stdout.read(4096), 30)
+                if not chunk:
+                    raise RuntimeError("mosquitto_sub exited before subscribing")
+                seen = seen[-16:] + chunk
+            drain = asyncio.create_task(_drain(receiver.stdout), name="drain-sub")
+            started = time.monotonic()
+            sender = await asyncio.create_subprocess_exec(
+                pub, *address, "-f", str(body_file), stderr=asyncio.subprocess.DEVNULL
+            )
+            await sender.wait()
+            await asyncio.wait_for(receiver.wait(), _RECEIVER_TIMEOUT_S)
+            times.append(time.monotonic() - started)
+            await drain
+        finally:
+            if receiver.returncode is None:
+                receiver.kill()
+                await receiver.wait()
     return times
 
 

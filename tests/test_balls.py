@@ -291,18 +291,39 @@ def test_report_counts_sizes_and_bytes_of_kept_balls() -> None:
 def test_most_samples_in_a_few_balls_is_flagged_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A tight crowd plus scattered outliers leaves one ball with most samples."""
+    """A tight crowd plus 19 far groups leaves one ball with most samples."""
     rng = np.random.default_rng(0)
     crowd = rng.normal(0.0, 0.01, size=(900, 4))
-    outliers = rng.normal(0.0, 50.0, size=(100, 4))
-    x = np.concatenate([crowd, outliers]).astype(np.float32)
-    y = np.zeros(1000, np.int64)
+    far = rng.normal(0.0, 0.01, size=(95, 4)) + np.repeat(
+        rng.normal(0.0, 50.0, size=(19, 4)), 5, axis=0
+    )
+    x = np.concatenate([crowd, far]).astype(np.float32)
+    y = np.zeros(995, np.int64)
 
     with caplog.at_level(logging.WARNING, logger="grbfl.balls"):
         _, _, report = build_balls(x, y, 1, BallSettings(n_clusters=20, min_size=5))
 
     assert report.degenerate
     assert any("degenerate" in record.getMessage() for record in caplog.records)
+
+
+def test_outliers_are_folded_into_balls_that_can_be_shared() -> None:
+    """k-means leaves outliers alone; min_size makes every cluster shareable."""
+    rng = np.random.default_rng(1)
+    crowd = rng.normal(0.0, 1.0, size=(400, 8))
+    outliers = rng.normal(0.0, 30.0, size=(40, 8))
+    x = np.concatenate([crowd, outliers]).astype(np.float32)
+    y = np.zeros(440, np.int64)
+
+    loose, _, _ = build_balls(x, y, 1, BallSettings(n_clusters=40, min_size=1))
+    found, _, report = build_balls(x, y, 1, BallSettings(n_clusters=40, min_size=5))
+
+    assert int((loose.sizes < 5).sum()) >= 20  # the problem being fixed
+    assert int(found.sizes.min()) >= 5
+    assert report.too_small == 0
+    assert int(found.sizes.sum()) == 440  # nobody dropped
+    assert len(found) >= 30  # the largest balls were split to keep the count
+    assert int(found.sizes.max()) < 60
 
 
 def test_even_ball_sizes_are_not_degenerate() -> None:

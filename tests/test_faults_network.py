@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import socket
 import threading
@@ -54,6 +53,9 @@ pytestmark = pytest.mark.broker
 TOPICS = Topics(FEDERATION)
 # A size limit far below one model (1.6 MB), so everything bulk must be chunked.
 SMALL_LIMIT = 20_000
+# Bytes of a PUBLISH packet besides its topic and payload, for payloads this small:
+# fixed header (4), topic length (2), packet id (2), property length (1).
+PUBLISH_OVERHEAD = 9
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -331,7 +333,7 @@ def test_bulk_payload_is_cut_to_the_packet_limit_the_broker_announces(
 
     assert count >= 10
     assert len(received) == count
-    assert all(len(p) + len(t) + 24 <= SMALL_LIMIT for t, p in received)
+    assert all(len(p) + len(t) + PUBLISH_OVERHEAD <= SMALL_LIMIT for t, p in received)
     reassembler = wire.Reassembler(1 << 20, max_pending=1)
     results = [reassembler.add(p) for _, p in received]
     assert results[-1] is not None and results[-1][1] == body
@@ -404,7 +406,7 @@ def test_model_and_update_arrive_whole_through_a_small_max_packet_size(
         assert transfers, prefix
         assert transfers[0].count > 50, prefix
         assert all(
-            len(part) + len(transfers[0].topic) + 24 <= SMALL_LIMIT
+            len(part) + len(transfers[0].topic) + PUBLISH_OVERHEAD <= SMALL_LIMIT
             for part in transfers[0].parts.values()
         )
     assert "oversize" not in broker.log_path.read_text()
@@ -438,11 +440,13 @@ def test_update_over_message_size_limit_fails_naming_sizes_and_the_node_stays_up
     wait_for(lambda: "cannot send the update" in log_of(fed, "p2"), "p2's error", fed)
     finish(fed)
 
+    # p2 stayed up until the run was over, then left like every participant.
+    assert fed.processes["p2"].wait(timeout=30) == 0
     p2_log = log_of(fed, "p2")
+    assert "is done; exiting" in p2_log
     assert p2_log.count("cannot send the update") == 1
     assert "broker.chunk_bytes in" in p2_log and "is 262144" in p2_log
     assert "message size limit" in p2_log and "-byte message on" in p2_log
-    assert fed.processes["p2"].poll() is None, "p2 must stay up"
     # One connection for the work, one after the broker closed it over the chunk.
     assert connections(broker, "p2") == 2
     assert [(r["round"], r["participants"]) for r in read_metrics(agg_state)] == [
@@ -620,12 +624,12 @@ def test_training_longer_than_several_keepalives_keeps_link_and_watchdog_alive(
     cleanup: list[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A participant with a 5 s keepalive trains for about four keepalives and
+    """A participant with a 5 s keepalive trains for three or four keepalives and
     sends nothing else meanwhile (health once an hour): the broker never times it
     out, it never reconnects, and its systemd watchdog pings keep coming."""
     keepalive = 5
     images = 300
-    epochs = math.ceil(4 * keepalive / seconds_per_epoch(digits_dirs[0], images))
+    epochs = math.ceil(3.5 * keepalive / seconds_per_epoch(digits_dirs[0], images))
     notify = FakeNotifySocket(tmp_path / "notify")
     cleanup.append(notify)
     fed, agg_state = make_federation(
@@ -662,3 +666,366 @@ def test_training_longer_than_several_keepalives_keeps_link_and_watchdog_alive(
     gaps = np.diff(pings)
     assert len(pings) >= trained, f"{len(pings)} pings in {trained:.0f} s of training"
     assert gaps.max() < 2.0, f"the watchdog went {gaps.max():.1f} s without a ping"
+
+
+# --- 4. clean stop during a round --------------------------------------------------
+
+
+def statuses(watcher: Watcher, node: str) -> list[tuple[float, dict[str, Any]]]:
+    return watcher.json_on(TOPICS.status(node))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_round_publishes_offline_and_the_round_closes_at_once(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """SIGTERM (what `systemctl stop` sends) to a participant still training: it
+    publishes its own offline status and disconnects cleanly (no last will), and
+    the aggregator closes the round with p1 at once, not at its 120 s deadline."""
+    watcher = Watcher(broker)
+    cleanup.append(watcher)
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        min_participants=1,
+        deadline_s=120.0,
+        local_epochs=12,
+        limits={"p1": 64, "p2": 700},
+    )
+    cleanup.append(fed)
+    start_all(fed)
+    wait_for(
+        lambda: "update from p1" in log_of(fed, "aggregator")
+        and "round 1 train: working" in log_of(fed, "p2"),
+        "p1's update while p2 trains",
+        fed,
+    )
+    assert "round 1 train: sent" not in log_of(fed, "p2")
+
+    stopped = time.monotonic()
+    fed.processes["p2"].send_signal(signal.SIGTERM)
+    assert fed.processes["p2"].wait(timeout=30) == 0, fed.log_tail("p2")
+    finish(fed)
+
+    (record,) = read_metrics(agg_state)
+    assert record["participants"] == ["p1"]
+    (closed_at, _), *_ = watcher.json_on(TOPICS.metrics)
+    assert closed_at - stopped < 10, f"round closed {closed_at - stopped:.1f} s after"
+    assert "deadline passed" not in log_of(fed, "aggregator")
+    # Its own goodbye (the last will would say run None, round 0), then a clean
+    # DISCONNECT, after which Mosquitto sends no will.
+    _, last = statuses(watcher, "p2")[-1]
+    assert last["state"] == "offline"
+    assert (last["run"], last["round"]) == (record["run"], 1)
+    assert last["pid"] == fed.processes["p2"].pid
+    text = broker.log_path.read_text()
+    assert f"Client grbfl-{FEDERATION}-p2 disconnected." in text
+    assert f"Client grbfl-{FEDERATION}-p2 closed its connection" not in text
+
+
+# --- 5 and 7. duplicate and straggling updates --------------------------------------
+
+
+@dataclass
+class ReplayedRun:
+    records: list[dict[str, Any]]
+    updates: dict[int, list[dict[str, Any]]]
+    round_2_model: dict[str, np.ndarray]
+    final_model: dict[str, np.ndarray]
+    aggregator_log: str
+
+
+@pytest.fixture(scope="module")
+def replayed(
+    tmp_path_factory: pytest.TempPathFactory, digits_dirs: tuple[Path, Path]
+) -> Iterator[ReplayedRun]:
+    """A 2-round run in which the test publishes p1's round-1 update again, byte
+    for byte: twice while round 1 is still open (as a QoS 1 redelivery would), and
+    once as soon as round 2 is announced (as a straggler would)."""
+    tmp = tmp_path_factory.mktemp("replay")
+    with PrivateBroker(tmp / "broker") as broker:
+        watcher = Watcher(broker)
+        fed, agg_state = make_federation(
+            tmp,
+            broker,
+            digits_dirs,
+            rounds=2,
+            deadline_s=120.0,
+            local_epochs=4,
+            limits={"p1": 64, "p2": 700},
+        )
+        try:
+            start_all(fed)
+            first = wait_for(
+                lambda: watcher.transfers(TOPICS.updates("p1")),
+                "p1's round-1 update",
+                fed,
+            )[0]
+            for _ in range(2):
+                for i in range(first.count):
+                    watcher.publish(first.topic, first.parts[i])
+            wait_for(
+                lambda: any(b["round"] == 2 for _, b in watcher.json_on(TOPICS.run)),
+                "round 2 to be announced",
+                fed,
+            )
+            for i in range(first.count):
+                watcher.publish(first.topic, first.parts[i])
+            finish(fed)
+        finally:
+            fed.stop_all()
+            watcher.stop()
+
+        # What the participants really sent, once each.
+        updates: dict[int, list[dict[str, Any]]] = {}
+        seen: set[str] = set()
+        for node in ("p1", "p2"):
+            for xfer in watcher.transfers(TOPICS.updates(node)):
+                body = xfer.body()
+                if body["update_id"] not in seen:
+                    seen.add(body["update_id"])
+                    updates.setdefault(body["round"], []).append(body)
+        models = [x.body() for x in watcher.transfers(f"{TOPICS.base}/model/")]
+        yield ReplayedRun(
+            records=read_metrics(agg_state),
+            updates=updates,
+            round_2_model=next(m["state"] for m in models if m["round"] == 2),
+            final_model=read_checkpoint(agg_state / CHECKPOINT)["state"],
+            aggregator_log=log_of(fed, "aggregator"),
+        )
+
+
+def average(updates: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return weighted_average(
+        [u["weights"] for u in updates], [u["samples"] for u in updates]
+    )
+
+
+def same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a
+    )
+
+
+@pytest.mark.slow
+def test_an_update_delivered_three_times_counts_once_and_leaves_the_aggregate(
+    replayed: ReplayedRun,
+) -> None:
+    """p1's round-1 update arrives three times: the round counts it once (two
+    duplicates noted in its metrics) and the global model is exactly the
+    sample-weighted average of p1's and p2's updates."""
+    first = replayed.records[0]
+    sent = replayed.updates[1]
+    assert sorted(u["node"] for u in sent) == ["p1", "p2"]
+    assert first["participants"] == ["p1", "p2"]
+    assert first["duplicate_updates"] == 2
+    assert first["samples"] == sum(u["samples"] for u in sent) == 64 + 700
+    assert same_state(replayed.round_2_model, average(sent))
+    p1 = next(u for u in sent if u["node"] == "p1")
+    assert not same_state(replayed.round_2_model, average([*sent, p1, p1]))
+
+
+@pytest.mark.slow
+def test_an_update_for_the_previous_round_is_rejected_as_stale(
+    replayed: ReplayedRun,
+) -> None:
+    """p1's round-1 update arriving while round 2 is open is ignored as stale (and
+    counted so in round 2's metrics); round 2's model is the average of the
+    round-2 updates alone."""
+    second = replayed.records[1]
+    sent = replayed.updates[2]
+    assert sorted(u["node"] for u in sent) == ["p1", "p2"]
+    assert second["participants"] == ["p1", "p2"]
+    assert second["stale_updates"] == 1
+    assert second["samples"] == 64 + 700
+    assert same_state(replayed.final_model, average(sent))
+    straggler = next(u for u in replayed.updates[1] if u["node"] == "p1")
+    assert not same_state(replayed.final_model, average([*sent, straggler]))
+    assert (
+        "round 2 train: ignoring a stale update from p1 for round 1 train "
+        "(an earlier round)" in replayed.aggregator_log
+    )
+
+
+# --- 6. a participant killed mid-round ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_participant_killed_mid_round_is_waited_for_neither_now_nor_later(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """SIGKILL p3 while it trains for round 1, with min_participants = 2: the
+    broker's last will marks it offline, round 1 closes with p1 and p2 within its
+    deadline, and round 2 runs with them without waiting for p3."""
+    watcher = Watcher(broker)
+    cleanup.append(watcher)
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        participants=3,
+        rounds=2,
+        min_participants=2,
+        deadline_s=60.0,
+        local_epochs=8,
+        limits={"p1": 64, "p2": 64, "p3": 700},
+    )
+    cleanup.append(fed)
+    start_all(fed)
+    wait_for(
+        lambda: "round 1 train: working" in log_of(fed, "p3"), "p3 to train", fed
+    )
+    killed = time.monotonic()
+    fed.processes["p3"].send_signal(signal.SIGKILL)
+    finish(fed)
+
+    records = read_metrics(agg_state)
+    assert [(r["round"], r["participants"]) for r in records] == [
+        (1, ["p1", "p2"]),
+        (2, ["p1", "p2"]),
+    ]
+    (closed_at, _), *_ = watcher.json_on(TOPICS.metrics)
+    assert closed_at - killed < 60
+    assert records[1]["seconds"]["round"] < 30
+    assert "deadline passed" not in log_of(fed, "aggregator")
+    _, will = statuses(watcher, "p3")[-1]
+    assert (will["state"], will["run"]) == ("offline", None)
+
+
+@pytest.mark.slow
+def test_a_round_left_short_by_a_kill_is_retried_and_the_node_rejoins(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+) -> None:
+    """SIGKILL p2 while it trains, with min_participants = 2: round 1 cannot close
+    at its deadline and is announced again; p2, started again, answers the retry,
+    and both rounds finish with both participants."""
+    fed, agg_state = make_federation(
+        tmp_path,
+        broker,
+        digits_dirs,
+        rounds=2,
+        deadline_s=8.0,
+        local_epochs=3,
+        limits={"p1": 64, "p2": 300},
+    )
+    cleanup.append(fed)
+    start_all(fed)
+    wait_for(
+        lambda: "round 1 train: working" in log_of(fed, "p2"), "p2 to train", fed
+    )
+    fed.processes["p2"].send_signal(signal.SIGKILL)
+    wait_for(
+        lambda: "needed participants answered; retrying" in log_of(fed, "aggregator"),
+        "round 1 to be retried",
+        fed,
+    )
+    fed.start("p2")
+    finish(fed)
+
+    first, second = read_metrics(agg_state)
+    assert first["participants"] == second["participants"] == ["p1", "p2"]
+    assert first["attempts"] >= 2
+    assert "round 1 train: only 1 of 2 needed" in log_of(fed, "aggregator")
+
+
+# --- 8. aggregator killed -----------------------------------------------------------
+
+
+def start_aggregator_to_die(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    with monkeypatch.context() as env:
+        env.setenv(TEST_KILL_AT_ENV, at)
+        fed.start("aggregator")
+    code = wait_for(
+        lambda: fed.processes["aggregator"].poll() is not None,
+        f"the aggregator to die at {at}",
+        fed,
+    )
+    assert code is not None and fed.processes["aggregator"].returncode == -9
+
+
+@pytest.mark.slow
+def test_aggregator_killed_while_writing_its_checkpoint_resumes_from_the_last_one(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed halfway through writing round 2's checkpoint, the aggregator leaves
+    round 1's checkpoint and a half-written file; started again, it removes the
+    half-written file, resumes the same run after round 1 and finishes, each
+    round's metrics written once."""
+    fed, agg_state = make_federation(
+        tmp_path, broker, digits_dirs, rounds=2, limits={"p1": 64, "p2": 64}
+    )
+    cleanup.append(fed)
+    fed.start("p1")
+    fed.start("p2")
+    start_aggregator_to_die(fed, monkeypatch, "checkpoint:2")
+    (partial,) = agg_state.glob(f".{CHECKPOINT}.*.tmp")
+    assert read_checkpoint(agg_state / PREVIOUS_CHECKPOINT)["round"] == 1
+    assert [r["round"] for r in metrics_lines(agg_state)] == [1]
+    run = metrics_lines(agg_state)[0]["run"]
+
+    fed.start("aggregator")
+    finish(fed)
+
+    text = log_of(fed, "aggregator")
+    assert f"removing {partial}" in text
+    assert f"resuming run {run} after round 1" in text
+    assert not partial.exists()
+    assert [(r["round"], r["run"]) for r in metrics_lines(agg_state)] == [
+        (1, run),
+        (2, run),
+    ]
+    assert read_checkpoint(agg_state / CHECKPOINT)["round"] == 2
+
+
+@pytest.mark.slow
+def test_aggregator_killed_after_aggregating_skips_a_truncated_checkpoint(
+    tmp_path: Path,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+    cleanup: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed right after aggregating round 3, the aggregator has written nothing
+    of it; round 2's checkpoint is then cut to half its bytes. Started again, it
+    detects the damage, sets that file aside unused, resumes the same run from
+    round 1's checkpoint and finishes all three rounds."""
+    fed, agg_state = make_federation(
+        tmp_path, broker, digits_dirs, rounds=3, limits={"p1": 64, "p2": 64}
+    )
+    cleanup.append(fed)
+    fed.start("p1")
+    fed.start("p2")
+    start_aggregator_to_die(fed, monkeypatch, "aggregated:3")
+    assert [r["round"] for r in metrics_lines(agg_state)] == [1, 2]
+    run = metrics_lines(agg_state)[0]["run"]
+    latest = agg_state / CHECKPOINT
+    assert read_checkpoint(latest)["round"] == 2
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+
+    fed.start("aggregator")
+    finish(fed)
+
+    text = log_of(fed, "aggregator")
+    assert f"checkpoint {latest} is damaged" in text
+    assert f"resuming run {run} after round 1 from" in text
+    assert (agg_state / f"{CHECKPOINT}.damaged").read_bytes() == data[: len(data) // 2]
+    records = read_metrics(agg_state)
+    assert [(r["round"], r["run"]) for r in records] == [(1, run), (2, run), (3, run)]
+    assert read_checkpoint(latest)["round"] == 3

@@ -464,6 +464,14 @@ class Aggregator(Node):
     # --- outgoing --------------------------------------------------------------------
 
     async def _publish_model(self, round_: int, phase: str) -> tuple[str, int]:
+        # Copying, encoding and hashing a ResNet-18 takes a Pi a good part of a
+        # second: off the loop, which must keep answering the broker.
+        body, digest = await asyncio.to_thread(self._model_body, round_, phase)
+        self._model = (digest, body)
+        await self._send_model(digest, body)
+        return digest, len(body)
+
+    def _model_body(self, round_: int, phase: str) -> tuple[bytes, str]:
         body = wire.encode_cbor(
             {
                 "run": self.run_id,
@@ -473,10 +481,7 @@ class Aggregator(Node):
                 "state": self.strategy.global_state(),
             }
         )
-        digest = wire.digest_of(body)
-        self._model = (digest, body)
-        await self._send_model(digest, body)
-        return digest, len(body)
+        return body, wire.digest_of(body)
 
     async def _send_model(self, digest: str, body: bytes) -> None:
         try:

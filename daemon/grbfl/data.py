@@ -74,15 +74,15 @@ BACKGROUND = (0, 0, 0)
 # PIL's own guard only warns up to 179 M pixels.
 MAX_DECODE_PIXELS = 50_000_000
 
-# Undecodable files named one by one before the rest are only counted.
-_NAMED_FAILURES = 20
+# Skipped files named one by one in warnings before the rest are only counted.
+_NAMED_FILES = 20
 
 # Progress is reported every this many files: often enough for a progress bar, rarely
 # enough to cost nothing next to decoding (about 0.2 s per 1,000 small JPEGs).
 _PROGRESS_EVERY = 1000
 
 # Bumped whenever the decoding below changes, so that old caches are not reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 # What a cache file holds; one that lacks any of these is decoded again.
 _CACHE_ARRAYS = ("images", "labels", "index", "requested")
 
@@ -245,12 +245,12 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
             outside[0],
         )
     if ignored:
-        more = len(ignored) - _NAMED_FAILURES
+        more = len(ignored) - _NAMED_FILES
         log.warning(
             "data folder %s: skipping %d file(s) that are not images: %s%s",
             root,
             len(ignored),
-            ", ".join(ignored[:_NAMED_FAILURES]),
+            ", ".join(ignored[:_NAMED_FILES]),
             f" and {more} more" if more > 0 else "",
         )
     found.sort()
@@ -534,14 +534,14 @@ def _decode_all(
         if progress is not None and ((i + 1) % _PROGRESS_EVERY == 0 or i + 1 == n):
             progress(i + 1, n)
 
-    for failure in failures[:_NAMED_FAILURES]:
+    for failure in failures[:_NAMED_FILES]:
         log.warning("%s; skipped", failure)
-    if len(failures) > _NAMED_FAILURES:
+    if len(failures) > _NAMED_FILES:
         log.warning(
             "data folder %s: skipped %d unreadable files (the first %d named above)",
             root,
             len(failures),
-            _NAMED_FAILURES,
+            _NAMED_FILES,
         )
     if not ok.any():
         raise DataError(

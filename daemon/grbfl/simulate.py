@@ -536,8 +536,9 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
             seed=opts.seed + round_,
         )
         stats = train(model, x, y, settings)
+        t1 = time.perf_counter()
         accuracy, loss = evaluate(model, tx, ty)
-        seconds = time.perf_counter() - t0
+        t2 = time.perf_counter()
         records.append(
             {
                 "round": round_,
@@ -545,7 +546,11 @@ def run_centralized(opts: SimOptions) -> dict[str, Any]:
                 "loss": loss,
                 "bytes_up": 0,
                 "bytes_down": 0,
-                "seconds": {"round": seconds, "local_training": stats.seconds},
+                "seconds": {
+                    "round": t2 - t0,
+                    "local_training": stats.seconds,
+                    "evaluation": t2 - t1,
+                },
             }
         )
         progress.on_metrics(records[-1])

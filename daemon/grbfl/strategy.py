@@ -29,6 +29,7 @@ import numpy as np
 from . import wire
 from .aggregate import weighted_average
 from .balls import (
+    ALGORITHM_VERSION,
     BallSet,
     BallSettings,
     ball_bytes,
@@ -269,7 +270,7 @@ def pixel_balls(
     bs = ball_settings(settings)
     key = hashlib.sha256(
         f"{data.digest}/{bs.n_clusters}/{bs.variance_threshold}/{bs.min_size}/"
-        f"{bs.seed}".encode()
+        f"{bs.seed}/{ALGORITHM_VERSION}".encode()
     ).hexdigest()[:20]
     path = cache_dir / f"balls-{key}.cbor"
     if path.exists():

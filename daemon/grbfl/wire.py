@@ -67,9 +67,10 @@ MAX_DEPTH = 12
 # Longest dimension list an array may claim (ResNet conv weights have four).
 _MAX_NDIM = 8
 # Items (values, keys, tags) a body may hold. A ResNet-18 checkpoint holds about
-# 1,500 and a ball report two per class; arrays count as a handful each, however
-# large. An empty CBOR array costs one byte on the wire and 64 once decoded, so
-# this, not the byte limit, is what bounds the memory a decode can take.
+# 900 and a ball report two per class; a typed array counts as a handful however
+# large (a bool array, one per element). An empty CBOR array costs one byte on
+# the wire and 64 once decoded, so this, not the byte limit, is what bounds the
+# memory a decode can take.
 MAX_ITEMS = 100_000
 # A chunk envelope is one map of seven fields.
 _ENVELOPE_ITEMS = 16

@@ -1,0 +1,101 @@
+"""The benchmarks (`make bench`) still run, at toy sizes, and write results.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What README.md promises for each entry of bench/results.json.
+ENTRY_KEYS = (
+    "group",
+    "name",
+    "value",
+    "unit",
+    "baseline",
+    "baseline_name",
+    "ratio",
+    "goal",
+    "met",
+    "note",
+    "detail",
+)
+TINY_GROUPS = {"1 aggregation", "2 wire", "3 orchestration", "4 clustering"}
+
+
+@pytest.mark.broker
+def test_tiny_benchmark_writes_one_complete_entry_per_figure(tmp_path: Path) -> None:
+    """Every figure has a value, a baseline from the same run, their ratio, and a
+    verdict that agrees with its goal; the printed table names each one."""
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--quiet", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    document = json.loads(out.read_text())
+    assert document["mode"] == "tiny"
+    assert document["machine_at_start"]["cores"] >= 1
+    figures = document["figures"]
+    assert {fig["group"] for fig in figures} == TINY_GROUPS
+    for fig in figures:
+        assert tuple(fig) == ENTRY_KEYS, fig["name"]
+        assert fig["value"] > 0 and fig["baseline"] > 0, fig["name"]
+        assert math.isclose(fig["ratio"], fig["value"] / fig["baseline"])
+        assert fig["unit"] and fig["baseline_name"], fig["name"]
+        assert fig["name"] in done.stdout
+        goal = fig["goal"]
+        if goal is None:
+            assert fig["met"] is None
+            continue
+        subject = fig[goal["of"]]
+        expected = (
+            subject <= goal["limit"]
+            if goal["op"] == "<="
+            else (subject >= goal["limit"])
+        )
+        assert fig["met"] is expected, fig["name"]
+
+
+def test_round_breakdown_lists_every_phase_and_what_they_leave_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round record as `grbfl simulate --json` writes it becomes one table row
+    whose phases and 'other' add up to the round; peak memory reads /proc."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import memory, rounds
+    from bench.report import Figure
+
+    record = {
+        "phases": {
+            "local_training": 14.2,
+            "clustering": 8.7,
+            "transfer": 3.1,
+            "aggregation": 21.3,
+            "evaluation": 0.5,
+            "round": 50.0,
+        }
+    }
+    seconds = rounds.phase_seconds(record)
+    assert seconds["other"] == pytest.approx(2.2)
+    assert sum(seconds[p] for p in (*rounds.PHASES, "other")) == pytest.approx(50.0)
+    fig = Figure(rounds.GROUP, "grbfl round", 50.0, "s", 25.0, "centralized")
+    fig.detail["phases"] = seconds
+    table = rounds.breakdown([fig])
+    assert "21.3" in table.splitlines()[1] and table.startswith("strategy")
+    lines = rounds.breakdown([fig], markdown=True).splitlines()
+    assert len(lines) == 3 and all(line.count("|") == 9 for line in lines)
+
+    assert (memory.peak_kib(os.getpid()) or 0) > 10_000
+    assert memory.peak_kib(2**22 + 12345) is None
