@@ -671,7 +671,8 @@ def _check_samples(
 def _cluster(
     members: FloatArray, wanted: int, seed: int, min_size: int = 1
 ) -> IntArray:
-    """Assign each member to one of at most ``wanted`` clusters of ``min_size`` or more."""
+    """Assign each member to one of at most ``wanted`` clusters, each of at least
+    ``min_size`` members when the class has that many."""
     # k-means cannot find more clusters than distinct points (it would warn and leave
     # some empty), so duplicates lower the count.
     rows = np.ascontiguousarray(members + np.float32(0))  # -0.0 and 0.0 compare equal
@@ -698,8 +699,9 @@ def _fill_small_clusters(
     shared, while a few held seventy. Each undersized cluster, smallest first, gives
     its members to the nearest other centres; the largest cluster is then cut in two
     at the median of its principal direction when it holds ``2 * min_size`` or more
-    (2-means often splits off a few outliers instead and fails the size). Receivers only grow and halves
-    start at ``min_size``, so every step removes one undersized cluster.
+    (2-means often splits off a few outliers instead and fails the size). Receivers
+    only grow and halves start at ``min_size``, so every step removes one undersized
+    cluster.
     """
     assignment = assignment.copy()
     count = int(assignment.max()) + 1
