@@ -2,6 +2,8 @@
 #   make run    a simulated 3-participant federation on the bundled digits
 #   make test   the test suite (unit + integration against a real Mosquitto)
 # Both set up what they need first and skip that quickly when already done.
+# `make bench` (set up the same way) measures every benchmark figure against its
+# baseline and writes bench/results.json (README, Benchmarks).
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -50,7 +52,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) bench/bench_merge.py
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

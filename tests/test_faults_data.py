@@ -769,7 +769,9 @@ def test_ball_construction_adapts_to_small_one_sample_and_empty_classes(
 
     found, kept, report = build_balls(x, y, 4, settings)
 
-    assert [report.per_class_found[c] for c in range(4)] == [8, 1, 1, 0]
+    counts = [report.per_class_found[c] for c in range(4)]
+    assert 1 <= counts[0] <= 40 // 5  # never more balls than min_size-sized ones
+    assert counts[1:] == [1, 1, 0]
     assert found.sizes[found.labels == 1].tolist() == [3]
     assert found.sizes[found.labels == 2].tolist() == [1]
     assert int(found.sizes.sum()) == 44
