@@ -26,4 +26,8 @@ run cifar15k-grbfl-dir0.5    --strategy grbfl --partition dirichlet:0.5 --limit 
 for t in 0.01 0.03 0.1; do
   run cifar-balls-iid-t$t    --strategy balls --variance-threshold $t --server-epochs 2
 done
+# Many small balls (about 6 images each): more detail leaves the device, and the
+# model learns far more from it.
+run cifar-balls3000-iid-t0.01 --strategy balls --variance-threshold 0.01 \
+  --n-clusters 3000 --server-epochs 2
 $G plot $OUT/cifar*.json --out $OUT/plots
