@@ -21,18 +21,20 @@ def main(paths: list[str]) -> None:
         r["limit"]: r["final_accuracy"] for r in runs if r["strategy"] == "centralized"
     }
     print(
-        "| strategy | images | partition | threshold | final accuracy "
+        "| strategy | images | partition | balls per participant | threshold "
+        "| final accuracy "
         "| gap to centralized "
         "| MB per round (up + down) | balls sent / after merge | share kept "
         "| wall time |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"centralized": 0, "fedavg": 1, "grbfl": 2, "balls": 3}
     runs.sort(
         key=lambda r: (
             -(r["limit"] or 10**9),
             r["partition"],
             order.get(r["strategy"], 9),
+            r["settings"]["n_clusters"],
             r["settings"]["variance_threshold"],
         )
     )
@@ -56,9 +58,10 @@ def main(paths: list[str]) -> None:
             else "-"
         )
         share = f"{last.get('share_kept', 0):.0%}" if ball_strategy else "-"
+        asked = r["settings"]["n_clusters"] if ball_strategy else "-"
         print(
             f"| {r['strategy']} | {r['limit'] or 'all 50,000'} | {r['partition']} "
-            f"| {threshold} "
+            f"| {asked} | {threshold} "
             f"| {r['final_accuracy']:.4f} | {gap} | {mb:.2f} | {balls} | {share} "
             f"| {r['wall_s'] / 60:.1f} min |"
         )
