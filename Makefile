@@ -22,12 +22,16 @@ endif
 
 setup: system-packages $(STAMP)
 
+# Any one piece missing installs them all: the clients (mosquitto_sub), the broker
+# (outside a normal user's PATH on Debian), venv with ensurepip, and what the
+# systemd-python extra compiles with.
 system-packages:
 	@if ! command -v mosquitto_sub >/dev/null 2>&1 \
-	   || ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] \
+	   || { ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; } \
 	   || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
-	   || ! dpkg -s libsystemd-dev pkg-config >/dev/null 2>&1; then \
-	  echo "installing mosquitto, python3-venv and libsystemd-dev from the distribution"; \
+	   || ! command -v gcc >/dev/null 2>&1 \
+	   || ! dpkg -s libsystemd-dev pkg-config python3-dev >/dev/null 2>&1; then \
+	  echo "installing mosquitto, python3-venv, gcc, python3-dev and libsystemd-dev from the distribution"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    mosquitto mosquitto-clients python3-venv python3-pip python3-dev \

@@ -12,9 +12,8 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,22 +91,19 @@ class Figure:
 
 
 def best_of(repeats: int, work: Callable[..., Any], *args: Any) -> tuple[float, Any]:
-    """The shortest wall time of several runs of work(*args), and the last result.
+    """The shortest wall time of several runs of work(*args), and that run's result.
 
     The minimum, not the mean: other processes only ever add time, so the fastest
     run is the closest to what the work itself costs.
     """
-    times = []
-    result = None
+    best, result = math.inf, None
     for _ in range(max(1, repeats)):
         started = time.perf_counter()
-        result = work(*args)
-        times.append(time.perf_counter() - started)
-    return min(times), result
-
-
-def median(values: Iterable[float]) -> float:
-    return float(statistics.median(list(values)))
+        outcome = work(*args)
+        seconds = time.perf_counter() - started
+        if seconds < best:
+            best, result = seconds, outcome
+    return best, result
 
 
 def machine() -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_shipped_examples_are_valid(path: Path, tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("placeholder")
     copy = tmp_path / path.name
-    copy.write_text(path.read_text().replace("/etc/grbfl/ca.crt", str(ca)))
+    copy.write_text(path.read_text().replace("/etc/grbfl/tls/ca.crt", str(ca)))
     config = load_config(copy)
     assert config.node.role == path.stem
 

@@ -648,6 +648,17 @@ def test_daemon_config_template_writes_every_setting_with_the_daemons_default():
                 assert value == default, f"{key}: role {value!r}, daemon {default!r}"
 
 
+def test_shipped_examples_name_the_tls_files_where_the_role_puts_them():
+    """examples/*.toml point at the CA file the daemon role installs, so a config
+    copied from them works on a host set up by Ansible."""
+    text = render("daemon", "grbfl.toml.j2", daemon_broker_tls_ca_src="ca.crt")
+    role_ca = tomllib.loads(text)["broker"]["tls_ca"]
+
+    for example in sorted((REPO / "examples").glob("*.toml")):
+        broker = tomllib.loads(example.read_text())["broker"]
+        assert broker["tls_ca"] == role_ca, example.name
+
+
 def test_daemon_config_template_writes_the_thermal_file_when_set():
     """daemon_health_temperature_file becomes health.temperature_file."""
     text = render(

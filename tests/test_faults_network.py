@@ -699,8 +699,10 @@ def test_sigterm_mid_round_publishes_offline_and_the_round_closes_at_once(
     cleanup.append(fed)
     start_all(fed)
     wait_for(
-        lambda: "update from p1" in log_of(fed, "aggregator")
-        and "round 1 train: working" in log_of(fed, "p2"),
+        lambda: (
+            "update from p1" in log_of(fed, "aggregator")
+            and "round 1 train: working" in log_of(fed, "p2")
+        ),
         "p1's update while p2 trains",
         fed,
     )
@@ -879,9 +881,7 @@ def test_a_participant_killed_mid_round_is_waited_for_neither_now_nor_later(
     )
     cleanup.append(fed)
     start_all(fed)
-    wait_for(
-        lambda: "round 1 train: working" in log_of(fed, "p3"), "p3 to train", fed
-    )
+    wait_for(lambda: "round 1 train: working" in log_of(fed, "p3"), "p3 to train", fed)
     killed = time.monotonic()
     fed.processes["p3"].send_signal(signal.SIGKILL)
     finish(fed)
@@ -920,9 +920,7 @@ def test_a_round_left_short_by_a_kill_is_retried_and_the_node_rejoins(
     )
     cleanup.append(fed)
     start_all(fed)
-    wait_for(
-        lambda: "round 1 train: working" in log_of(fed, "p2"), "p2 to train", fed
-    )
+    wait_for(lambda: "round 1 train: working" in log_of(fed, "p2"), "p2 to train", fed)
     fed.processes["p2"].send_signal(signal.SIGKILL)
     wait_for(
         lambda: "needed participants answered; retrying" in log_of(fed, "aggregator"),
@@ -1029,3 +1027,39 @@ def test_aggregator_killed_after_aggregating_skips_a_truncated_checkpoint(
     records = read_metrics(agg_state)
     assert [(r["round"], r["run"]) for r in records] == [(1, run), (2, run), (3, run)]
     assert read_checkpoint(latest)["round"] == 3
+
+
+def test_checkpoint_of_another_strategy_is_a_config_error_and_stays_put(
+    tmp_path: Path,
+) -> None:
+    """A state folder holding a fedavg run, under a config that says grbfl, is a
+    configuration error (exit 78, not retried: a restart would meet the same
+    file) naming the config file, the checkpoint and the setting; the checkpoint
+    is left where it was for the operator to move."""
+    from grbfl.aggregator import Aggregator
+    from grbfl.config import config_from_dict
+    from grbfl.errors import ConfigError
+
+    def aggregator(strategy: str) -> Aggregator:
+        raw = {
+            "node": {"role": "aggregator", "id": "agg"},
+            "data": {"dir": str(tmp_path), "classes": ["a", "b"]},
+            "strategy": {"name": strategy},
+            "state": {"dir": str(tmp_path / "state")},
+        }
+        return Aggregator(config_from_dict(raw, source="agg.toml"))
+
+    old = aggregator("fedavg")
+    old.run_id = "old-run"
+    old._save_checkpoint(2, {"round": 2})
+    checkpoint = tmp_path / "state" / CHECKPOINT
+    saved = checkpoint.read_bytes()
+
+    with pytest.raises(ConfigError) as caught:
+        aggregator("grbfl")._load_checkpoint()
+
+    assert str(caught.value) == (
+        f"agg.toml: checkpoint {checkpoint} belongs to strategy 'fedavg' but "
+        "strategy.name = 'grbfl'; move it away to start a new run"
+    )
+    assert checkpoint.read_bytes() == saved

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,12 +14,30 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 
-from grbfl import wire
+from grbfl import cli, wire
+from grbfl.aggregator import Aggregator
 from grbfl.broker import PrivateBroker
+from grbfl.config import config_from_dict
 from grbfl.data import discover_classes, load_image_folder
-from grbfl.simulate import FEDERATION, SimOptions, prepare, read_metrics, run_federation
+from grbfl.errors import GrbflError
+from grbfl.simulate import (
+    FEDERATION,
+    SETTLE_S,
+    Federation,
+    Progress,
+    SimOptions,
+    _after_failure,
+    aggregator_state,
+    check_options,
+    format_table,
+    prepare,
+    read_metrics,
+    run_federation,
+    summarise,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -257,3 +278,139 @@ def test_grbfl_keeps_the_classifier_head_on_the_participants(
             if body["phase"] == "embed":
                 assert "weights" not in body
                 assert body["balls"]["sizes"].min() >= opts.min_size
+
+
+# --- `grbfl simulate` as a user runs it ---------------------------------------------
+
+
+def test_ctrl_c_stops_every_process_and_removes_the_temporary_folder(
+    tmp_path: Path, digits_dirs: tuple[Path, Path]
+) -> None:
+    """Ctrl-C once the federation's processes are up: simulate stops the broker and
+    every daemon it started, removes the work folder it made, and exits 130."""
+    train_dir, test_dir = digits_dirs
+    command = [sys.executable, "-m", "grbfl", "simulate", "--data", str(train_dir)]
+    command += ["--test-data", str(test_dir), "--participants", "2", "--limit", "60"]
+    sim = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        # Started: the broker, the aggregator and both participants are running.
+        deadline = time.monotonic() + 60
+        while True:
+            children = psutil.Process(sim.pid).children(recursive=True)
+            daemons = [c for c in children if "run" in c.cmdline()]
+            if len(daemons) == 3 and len(children) >= 4:
+                break
+            assert sim.poll() is None, sim.communicate()
+            assert time.monotonic() < deadline, "the federation did not start"
+            time.sleep(0.1)
+        (workdir,) = tmp_path.glob("grbfl-sim-*")
+
+        sim.send_signal(signal.SIGINT)
+        out, err = sim.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+
+    assert sim.returncode == 130, out + err
+    assert "participants + aggregator" in out
+    assert err.strip().endswith("grbfl: interrupted"), err
+    assert "Traceback" not in err
+    assert not workdir.exists()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []
+
+
+def test_a_failed_run_keeps_its_temporary_folder_and_says_where_it_is(
+    tmp_path: Path,
+) -> None:
+    """A process that died leaves its logs in the folder made for the run; the
+    error ends with where it is and that it can be deleted. Ctrl-C removes it,
+    and a folder the user named stays either way."""
+    made = tmp_path / "grbfl-sim-made"
+    made.mkdir()
+    fed = Federation(made, "127.0.0.1", 1883, {})
+    fed.processes["p1"] = subprocess.Popen([sys.executable, "-c", "pass"])
+    fed.processes["p1"].wait()
+    died = GrbflError("p1 exited with code 1")
+
+    _after_failure(SimOptions(), made, fed, died)
+
+    assert made.is_dir()
+    assert died.__notes__ == [
+        f"logs, configs and state kept in {made}; delete it when done"
+    ]
+    named = tmp_path / "named"
+    named.mkdir()
+    _after_failure(SimOptions(workdir=named), named, fed, KeyboardInterrupt())
+    assert named.is_dir()
+    _after_failure(SimOptions(), made, fed, KeyboardInterrupt())
+    assert not made.exists()
+
+
+def test_workdir_with_a_finished_run_is_refused_and_an_unfinished_one_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--workdir naming a folder whose run is finished would only print the old
+    table again: refused with exit 2, naming the folder and the way out. A run
+    stopped halfway is what --workdir is for: it is accepted, to be resumed."""
+    workdir = tmp_path / "sim"
+    agg_state = aggregator_state(workdir)
+    config = config_from_dict(
+        {
+            "node": {"role": "aggregator", "id": "aggregator"},
+            "data": {"dir": str(tmp_path), "classes": ["a", "b"]},
+            "strategy": {"name": "fedavg"},
+            "state": {"dir": str(agg_state)},
+        }
+    )
+    old = Aggregator(config)
+    old.run_id = "old-run"
+    old._save_checkpoint(3, {"round": 3})
+
+    code = cli.main(["simulate", "--workdir", str(workdir), "--rounds", "3"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"grbfl: error: --workdir {workdir} holds a finished run (3 rounds); pass "
+        f"a new --workdir, or remove {agg_state}/checkpoint*.cbor to start a new "
+        "run in it\n"
+    )
+    check_options(SimOptions(workdir=workdir, rounds=5))
+
+
+def test_progress_shows_participants_at_work_after_the_aggregator_moves_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The states line waits SETTLE_S after the aggregator moves on, so it shows
+    the participants training rather than idle before the order reached them."""
+    now = [0.0]
+    progress = Progress(3, quiet=False, clock=lambda: now[0])
+
+    progress.on_status("aggregator", {"state": "waiting", "round": 1})
+    now[0] = 0.3
+    progress.on_status("p1", {"state": "training"})
+    progress.on_status("p2", {"state": "training"})
+    progress.flush()
+    assert capsys.readouterr().out == ""
+    now[0] = SETTLE_S + 0.1
+    progress.flush()
+
+    assert capsys.readouterr().out == (
+        "[     1s] round 1/3  aggregator:waiting  p1:training  p2:training\n"
+    )
+
+
+def test_centralized_table_names_no_participants() -> None:
+    result = summarise(SimOptions(strategy="centralized"), [], 1.0)
+
+    assert format_table(result).splitlines()[0] == (
+        "strategy centralized, model cnn: one model on all the training data, "
+        "no participants"
+    )

@@ -395,3 +395,44 @@ def test_hot_participant_pauses_and_resumes_and_metrics_show_the_time_lost(
     p1_log = daemons.log("p1").read_text().splitlines()
     assert "<4>grbfl.node: CPU at 90.0 C: pausing new work until below 70.0 C" in p1_log
     assert "<6>grbfl.node: CPU cooled to 50.0 C: resuming" in p1_log
+
+
+# --- exit statuses systemd acts on ----------------------------------------------------
+
+# What a shutdown that leaves tasks or the broker connection behind prints.
+UNCLEAN_EXIT = ("Traceback", "Task was destroyed", "Event loop is closed")
+
+
+def test_missing_data_folder_exits_78_naming_file_and_key_for_both_roles(
+    tmp_path: Path,
+    daemons: Daemons,
+    broker: PrivateBroker,
+    digits_dirs: tuple[Path, Path],
+) -> None:
+    """Neither role can do anything without data.dir, and no restart brings it
+    back: each exits with 78, which the unit does not retry, with one line naming
+    the config file and the key, and shuts down without a traceback or asyncio
+    complaints while its broker connection is being set up."""
+    train_dir, _ = digits_dirs
+    missing = tmp_path / "no-such-folder"
+    for role, name in (("aggregator", "agg"), ("participant", "p1")):
+        conf = write_config(
+            tmp_path / f"{name}.toml",
+            role,
+            name,
+            broker.port,
+            train_dir,
+            data={"dir": str(missing)},
+        )
+        daemons.start(name, conf)
+
+    codes = daemons.wait(START_TIMEOUT_S)
+
+    assert codes == {"agg": 78, "p1": 78}, daemons.logs()
+    for name in ("agg", "p1"):
+        text = daemons.log(name).read_text()
+        assert (
+            f"grbfl: configuration error: {tmp_path / name}.toml: "
+            f"data.dir = '{missing}': no such folder"
+        ) in text
+        assert not [w for w in UNCLEAN_EXIT if w in text], text

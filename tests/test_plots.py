@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -202,6 +203,35 @@ def test_wrongly_typed_key_and_empty_rounds_are_refused(tmp_path: Path) -> None:
         load_results(typed)
     with pytest.raises(GrbflError, match="empty.json: key 'rounds' is empty"):
         load_results(empty)
+
+
+def test_a_ball_sweep_among_the_results_is_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `grbfl balls --json` list given with results files (results/*.json) is
+    skipped with a warning naming it and what plot expected; the rest is drawn."""
+    good = write(tmp_path / "grbfl.json", results_doc("grbfl"))
+    sweep = write(tmp_path / "sweep.json", [{"n_clusters": 100, "kept": 80}])
+
+    with caplog.at_level(logging.WARNING, logger="grbfl.plots"):
+        written = plot_results([good, sweep], tmp_path / "plots")
+
+    assert [p.name for p in written] == ["accuracy.png", "phases.png"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert (
+        "sweep.json: a JSON list, not a `grbfl simulate --json` results"
+        in (warnings[0])
+    )
+
+
+def test_plot_fails_when_no_file_is_a_results_file(tmp_path: Path) -> None:
+    sweep = write(tmp_path / "sweep.json", [{"n_clusters": 100}])
+    other = write(tmp_path / "other.json", {"name": "not a run"})
+
+    with pytest.raises(GrbflError, match="none of the 2 file"):
+        plot_results([sweep, other], tmp_path / "plots")
+    assert not (tmp_path / "plots").exists()
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:

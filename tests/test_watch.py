@@ -41,8 +41,13 @@ def model_body() -> bytes:
         "bn.num_batches_tracked": np.zeros((), np.int64),
     }
     return wire.encode_cbor(
-        {"run": "0123456789abcdef0123", "round": 4, "phase": "train", "model": "cnn",
-         "state": state}
+        {
+            "run": "0123456789abcdef0123",
+            "round": 4,
+            "phase": "train",
+            "model": "cnn",
+            "state": state,
+        }
     )
 
 
@@ -168,8 +173,14 @@ def test_empty_retained_payload_reads_cleared() -> None:
 
 def test_status_shows_node_role_state_run_and_round() -> None:
     payload = wire.encode_json(
-        {"node": "p1", "role": "participant", "state": "training",
-         "run": "a1b2c3d4e5f6a7b8c9d0", "round": 3, "version": "0.1.0"}
+        {
+            "node": "p1",
+            "role": "participant",
+            "state": "training",
+            "run": "a1b2c3d4e5f6a7b8c9d0",
+            "round": 3,
+            "version": "0.1.0",
+        }
     )
 
     assert summarise("nodes/p1/status", payload, {}) == (
@@ -204,8 +215,16 @@ def test_health_off_a_pi_reads_not_available() -> None:
 
 def test_run_shows_round_phase_attempt_deadline_strategy_and_digest() -> None:
     payload = wire.encode_json(
-        {"run": "r1", "round": 3, "rounds": 10, "phase": "embed", "attempt": 1,
-         "deadline": NOW + 90.4, "strategy": "grbfl", "model_digest": "ab" * 32}
+        {
+            "run": "r1",
+            "round": 3,
+            "rounds": 10,
+            "phase": "embed",
+            "attempt": 1,
+            "deadline": NOW + 90.4,
+            "strategy": "grbfl",
+            "model_digest": "ab" * 32,
+        }
     )
 
     assert summarise("run", payload, {}, now=NOW) == (
@@ -216,8 +235,13 @@ def test_run_shows_round_phase_attempt_deadline_strategy_and_digest() -> None:
 
 def test_metrics_show_accuracy_bytes_and_seconds() -> None:
     payload = wire.encode_json(
-        {"round": 3, "accuracy": 0.91234, "bytes_up": 2_345_678, "bytes_down": 512,
-         "seconds": {"round": 12.34, "aggregation": 1.0}}
+        {
+            "round": 3,
+            "accuracy": 0.91234,
+            "bytes_up": 2_345_678,
+            "bytes_down": 512,
+            "seconds": {"round": 12.34, "aggregation": 1.0},
+        }
     )
 
     assert summarise("metrics", payload, {}) == (
@@ -282,8 +306,12 @@ CLEAR_SCREEN = "\u001b[2J"
 def test_escape_codes_in_a_status_cannot_reach_the_terminal() -> None:
     """A hostile node name, state or topic level is shown escaped, on one line."""
     payload = wire.encode_json(
-        {"node": f"p1{CLEAR_SCREEN}", "role": "participant\nforged line",
-         "state": "\u001b[31mred\u009b", "round": 1}
+        {
+            "node": f"p1{CLEAR_SCREEN}",
+            "role": "participant\nforged line",
+            "state": "\u001b[31mred\u009b",
+            "round": 1,
+        }
     )
     topic = f"nodes/p1{CLEAR_SCREEN}/status"
 
@@ -363,16 +391,33 @@ def test_watch_command_prints_three_messages_and_exits(broker: PrivateBroker) ->
     """`grbfl watch --count 3` shows a retained run, then two live messages."""
     host, port = broker.host, broker.port
     run = wire.encode_json(
-        {"run": "r9", "round": 1, "phase": "train", "attempt": 0,
-         "deadline": time.time() + 60, "strategy": "fedavg", "model_digest": None}
+        {
+            "run": "r9",
+            "round": 1,
+            "phase": "train",
+            "attempt": 0,
+            "deadline": time.time() + 60,
+            "strategy": "fedavg",
+            "model_digest": None,
+        }
     )
     publish.single("grbfl/t/run", run, hostname=host, port=port, retain=True, qos=1)
     (update,) = update_parts()
     status = wire.encode_json({"node": "p1", "role": "participant", "state": "idle"})
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "grbfl", "watch", "--broker", f"{host}:{port}",
-         "--federation", "t", "--count", "3"],
+        [
+            sys.executable,
+            "-m",
+            "grbfl",
+            "watch",
+            "--broker",
+            f"{host}:{port}",
+            "--federation",
+            "t",
+            "--count",
+            "3",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -427,8 +472,12 @@ def test_watch_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
         task = asyncio.create_task(watch(_args(port, 2), out=out, err=err))
         await _until(lambda: "connected" in err.getvalue(), "the first connection")
         await asyncio.to_thread(
-            publish.single, "grbfl/t/nodes/p1/status", status, hostname="127.0.0.1",
-            port=port, qos=1,
+            publish.single,
+            "grbfl/t/nodes/p1/status",
+            status,
+            hostname="127.0.0.1",
+            port=port,
+            qos=1,
         )
         await _until(lambda: out.getvalue().count("\n") == 1, "the first message")
 
@@ -438,8 +487,12 @@ def test_watch_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
         try:
             await _until(lambda: "reconnected" in err.getvalue(), "the reconnection")
             await asyncio.to_thread(
-                publish.single, "grbfl/t/metrics", wire.encode_json({"round": 1}),
-                hostname="127.0.0.1", port=port, qos=1,
+                publish.single,
+                "grbfl/t/metrics",
+                wire.encode_json({"round": 1}),
+                hostname="127.0.0.1",
+                port=port,
+                qos=1,
             )
             await asyncio.wait_for(task, timeout=20)
         finally:

@@ -21,7 +21,7 @@ from . import wire
 from .alerts import check_round, recorded_accuracy
 from .config import Config
 from .data import load_image_folder
-from .errors import BrokerLimitError, ConfigError, GrbflError, WireError
+from .errors import BrokerLimitError, ConfigError, DataError, GrbflError, WireError
 from .link import BACKOFF_MAX_S
 from .node import Node
 from .strategy import Contribution, ServerStrategy, write_atomic
@@ -350,7 +350,12 @@ class Aggregator(Node):
         return 0
 
     def _restore(self, path: Path, saved: dict[str, Any]) -> int:
-        """Load a sound checkpoint into the model; return the round it closed."""
+        """Load a sound checkpoint into the model; return the round it closed.
+
+        One made under other settings is a ConfigError (exit 78): a restart would
+        meet it again, so an operator has to decide whether to move it away.
+        """
+        source = self.config.source
         try:
             run_id = wire.require(saved, "run", str, str(path))
             done = wire.require(saved, "round", int, str(path))
@@ -359,25 +364,27 @@ class Aggregator(Node):
                 saved.get("state"), self.strategy.global_state(), str(path)
             )
         except WireError as exc:
-            raise GrbflError(
-                f"checkpoint {path} does not fit this config ({exc}); move it away "
-                "to start a new run"
+            raise ConfigError(
+                f"{source}: checkpoint {path} does not fit this config ({exc}); "
+                "move it away to start a new run"
             ) from exc
         if done < 0 or done > self.config.rounds.rounds:
-            raise GrbflError(
-                f"checkpoint {path} says round {done}, outside 0.."
-                f"{self.config.rounds.rounds}; move it away to start a new run"
+            raise ConfigError(
+                f"{source}: checkpoint {path} says round {done}, outside "
+                f"rounds.rounds = {self.config.rounds.rounds}; move it away to "
+                "start a new run"
             )
         saved_classes = saved.get("classes")
         if saved_classes is not None and list(saved_classes) != list(self.classes):
-            raise GrbflError(
-                f"checkpoint {path} was made for other classes than data.classes; "
-                "move it away to start a new run"
+            raise ConfigError(
+                f"{source}: checkpoint {path} was made for other classes than "
+                "data.classes; move it away to start a new run"
             )
         if strategy != self.strategy.name:
-            raise GrbflError(
-                f"checkpoint {path} belongs to strategy {strategy!r} but the config "
-                f"says {self.strategy.name!r}; move it away to start a new run"
+            raise ConfigError(
+                f"{source}: checkpoint {path} belongs to strategy {strategy!r} but "
+                f"strategy.name = {self.strategy.name!r}; move it away to start a "
+                "new run"
             )
         load_numpy_state(self.strategy.model, state)
         self.run_id = run_id
@@ -646,8 +653,12 @@ class Aggregator(Node):
     async def main(self) -> None:
         cfg = self.config
         await self.set_state("loading")
-        assert cfg.data.dir is not None  # the config check requires it
-        data = await asyncio.to_thread(load_image_folder, cfg.data.dir, self.classes)
+        try:
+            data = await asyncio.to_thread(
+                load_image_folder, self.data_dir(), self.classes
+            )
+        except DataError as exc:
+            raise DataError(f"{cfg.source}: data.dir: {exc}") from exc
         self.test_x, self.test_y = await asyncio.to_thread(data.as_float), data.labels
         log.info("test set: %d images of %d classes", len(data), len(self.classes))
         done = await asyncio.to_thread(self._load_checkpoint)

@@ -95,7 +95,8 @@ class PrivateBroker:
                 raise BrokerError(f"mosquitto exited at start: {err}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
-                    log.info("private broker on %s:%d", self.host, self.port)
+                    # DEBUG: its users (simulate, tests) say where it is.
+                    log.debug("private broker on %s:%d", self.host, self.port)
                     return self
             except OSError:
                 time.sleep(0.05)

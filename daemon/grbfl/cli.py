@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import StrategyConfig, TrainingConfig
-from .errors import ConfigError, GrbflError
+from .errors import ConfigError, GrbflError, UsageError
 
 log = logging.getLogger("grbfl")
 
@@ -158,14 +158,16 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_results
+    from .plots import load_all_results, plot_results
 
-    for path in plot_results(args.results, args.out):
+    # Files of another kind are skipped here, once, with a warning each.
+    usable = [r.path for r in load_all_results(args.results)]
+    for path in plot_results(usable, args.out):
         print(f"wrote {path}")
     if args.tensorboard is not None:
         from .plots import write_tensorboard
 
-        for path in write_tensorboard(args.results, args.tensorboard):
+        for path in write_tensorboard(usable, args.tensorboard):
             print(f"wrote TensorBoard scalars to {path}")
     return 0
 
@@ -286,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--workdir",
         type=Path,
-        help="keep configs, logs and state here (default: a temp dir)",
+        help="keep configs, logs and state here, and resume an unfinished run "
+        "found there (default: a temp dir, kept only if a process failed)",
     )
     sim.set_defaults(func=_cmd_simulate)
 
@@ -353,14 +356,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"grbfl: configuration error: {exc}", file=sys.stderr)
+        _say_error("configuration error", exc)
         return EXIT_CONFIG
+    except UsageError as exc:
+        _say_error("error", exc)
+        return EXIT_USAGE
     except GrbflError as exc:
-        print(f"grbfl: error: {exc}", file=sys.stderr)
+        _say_error("error", exc)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("grbfl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _say_error("interrupted", exc)
         return EXIT_INTERRUPTED
+
+
+def _say_error(kind: str, exc: BaseException) -> None:
+    """The error on stderr, then each note added on its way up (add_note)."""
+    text = str(exc)
+    print(f"grbfl: {kind}: {text}" if text else f"grbfl: {kind}", file=sys.stderr)
+    for note in getattr(exc, "__notes__", ()):
+        print(f"grbfl: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

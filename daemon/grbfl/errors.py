@@ -11,6 +11,10 @@ class ConfigError(GrbflError):
     """A configuration file or option is invalid; the message names file and key."""
 
 
+class UsageError(GrbflError):
+    """A command-line option cannot be used as given (exit 2, as argparse's)."""
+
+
 class DataError(GrbflError):
     """A data folder or image file cannot be used."""
 

@@ -13,6 +13,7 @@ with an error naming the size instead of being resent after every reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -58,7 +59,40 @@ _SIZE_REFUSALS = (0x82, 0x95)
 # of under 1 ms on loopback). Small messages go out at once.
 _SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
+# How long a cancelled connection attempt is given to finish, so that what it
+# opened can be closed; a TCP connect gives up after paho's 5 s anyway.
+_CONNECT_SETTLE_S = 5.0
+
 Handler = Callable[[str, bytes, bool], Awaitable[None]]
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, made safe to cancel while it connects.
+
+    Cancelled while connecting (a daemon stopping on a start-up error), aiomqtt
+    either leaves the socket its worker thread opened and a task of its own, which
+    outlive the event loop and fail as "Task was destroyed but it is pending!" and
+    "Event loop is closed", or, on Python 3.11, loses the cancel in asyncio.wait_for
+    if the broker's CONNACK arrives in the same loop pass, and the link then runs
+    on. Shielded, the attempt finishes, is closed, and the cancel goes on.
+    """
+
+    async def __aenter__(self) -> _Client:
+        attempt = asyncio.ensure_future(super().__aenter__())
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # Let the attempt finish, then close whatever it opened.
+            done, _ = await asyncio.wait({attempt}, timeout=_CONNECT_SETTLE_S)
+            if not done:
+                attempt.cancel()
+            elif not attempt.cancelled() and attempt.exception() is None:
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    await asyncio.wait_for(
+                        super().__aexit__(None, None, None), _CONNECT_SETTLE_S
+                    )
+            raise
+        return self
 
 
 def backoff_delays(first: float = BACKOFF_FIRST_S, cap: float = BACKOFF_MAX_S):
@@ -118,6 +152,9 @@ class Link:
         # When the latest connection came up (monotonic seconds).
         self.connected_since = 0.0
         self._conn: _Connection | None = None
+        # Running on_connect steps, kept so that run() can cancel them on exit:
+        # an unreferenced task can be collected mid-publish at shutdown.
+        self._on_connect_tasks: set[asyncio.Task[None]] = set()
         self._sends = 0
         self._ever_connected = False
         self._quick_drops = 0
@@ -147,7 +184,7 @@ class Link:
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=True)
-        client = aiomqtt.Client(
+        client = _Client(
             self.broker.host,
             self.broker.port,
             username=self.broker.username,
@@ -181,6 +218,15 @@ class Link:
 
     async def run(self) -> None:
         """Stay connected until cancelled, dispatching every message to handler."""
+        try:
+            await self._run()
+        finally:
+            steps = list(self._on_connect_tasks)
+            for step in steps:
+                step.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
+
+    async def _run(self) -> None:
         delays = backoff_delays()
         connected_at = 0.0
         loop = asyncio.get_running_loop()
@@ -209,9 +255,11 @@ class Link:
                     connected_at = time.monotonic()
                     self.connected.set()
                     if self.on_connect is not None:
-                        loop.create_task(
+                        step = loop.create_task(
                             self._guarded(self.on_connect()), name="link-on-connect"
                         )
+                        self._on_connect_tasks.add(step)
+                        step.add_done_callback(self._on_connect_tasks.discard)
                     async for message in client.messages:
                         payload = message.payload
                         if not isinstance(payload, bytes | bytearray):

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .errors import GrbflError
+from .errors import ConfigError, GrbflError
 from .health import HealthReader, HeatGuard
 from .link import Link
 from .sdnotify import Notifier
@@ -31,6 +31,8 @@ _GOODBYE_TIMEOUT_S = 5.0
 LOOP_STALL_S = 1.0
 # How often the lag monitor wakes: cheap, and fine enough to time a stall.
 _LAG_TICK_S = 0.25
+# How long shutdown waits for cancelled tasks before cancelling them again.
+_CANCEL_RETRY_S = 1.0
 
 
 class Node:
@@ -99,6 +101,21 @@ class Node:
                 f"{self.config.source}: state.dir = '{path}' cannot be created: "
                 f"{exc.strerror}"
             ) from exc
+        return path
+
+    def data_dir(self) -> Path:
+        """data.dir, checked: a folder missing or unreadable is a ConfigError
+        (exit 78), since restarting the daemon cannot bring it back."""
+        path = self.config.data.dir
+        assert path is not None  # the config check requires it
+        where = f"{self.config.source}: data.dir = '{path}'"
+        if not path.is_dir():
+            raise ConfigError(f"{where}: no such folder")
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
         return path
 
     def _status_body(self, state: str) -> bytes:
@@ -259,10 +276,23 @@ class Node:
                     await asyncio.wait_for(self.publish_status(), _GOODBYE_TIMEOUT_S)
                 except TimeoutError:
                     log.warning("could not publish offline status before exit")
-            for name, task in self._tasks.items():
-                if name != "main":
-                    task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._cancel_background()
+
+    async def _cancel_background(self) -> None:
+        """Cancel every background task and wait until each has ended.
+
+        A task can lose a cancel: on Python 3.11, asyncio.wait_for, which aiomqtt
+        uses for every broker acknowledgement, drops one that arrives in the same
+        loop pass as the acknowledgement, and the link would then read messages
+        forever. Tasks still running after a short wait are cancelled again.
+        """
+        pending = {task for name, task in self._tasks.items() if name != "main"}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY_S)
+        # Collect their outcomes so that none is reported as never retrieved.
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def on_shutdown(self) -> None:
         """Ask worker threads to stop; roles override."""

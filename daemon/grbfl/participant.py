@@ -147,7 +147,7 @@ class Participant(Node):
         try:
             images = await asyncio.to_thread(
                 load_image_folder,
-                cfg.data.dir,  # type: ignore[arg-type]
+                self.data_dir(),
                 cfg.data.classes,
                 files=files,
                 cache_dir=self.state_dir / "cache",

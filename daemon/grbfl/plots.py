@@ -81,6 +81,10 @@ class Results:
 # --- reading ---------------------------------------------------------------------
 
 
+class NotResultsError(GrbflError):
+    """A readable JSON file that is not a ``grbfl simulate --json`` results file."""
+
+
 def _field(
     obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str
 ) -> Any:
@@ -130,8 +134,14 @@ def load_results(path: Path) -> Results:
         raise GrbflError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GrbflError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise GrbflError(f"{path}: not a JSON object")
+    # Another kind of document (a `grbfl balls --json` list, a config): plot skips
+    # it. One with either key is a results file, and checked key by key below.
+    if not isinstance(doc, dict) or not ({"strategy", "rounds"} & doc.keys()):
+        kind = "an object" if isinstance(doc, dict) else f"a JSON {_json_kind(doc)}"
+        raise NotResultsError(
+            f"{path}: {kind}, not a `grbfl simulate --json` results object "
+            "(with strategy, settings and rounds)"
+        )
 
     strategy = _field(doc, "strategy", str, path, "")
     settings = _field(doc, "settings", dict, path, "")
@@ -148,6 +158,35 @@ def load_results(path: Path) -> Results:
         n_clusters=int(_field(settings, "n_clusters", int, path, "settings.")),
         rounds=rounds,
     )
+
+
+def _json_kind(doc: Any) -> str:
+    if isinstance(doc, list):
+        return "list"
+    if isinstance(doc, str):
+        return "string"
+    if doc is None:
+        return "null"
+    return "number" if not isinstance(doc, bool) else "boolean"
+
+
+def load_all_results(paths: list[Path]) -> list[Results]:
+    """The results files among paths; each other kind of file is skipped with a
+    warning, and GrbflError if none is left."""
+    if not paths:
+        raise GrbflError("no results files given")
+    results = []
+    for path in paths:
+        try:
+            results.append(load_results(Path(path)))
+        except NotResultsError as exc:
+            log.warning("skipping %s", exc)
+    if not results:
+        raise GrbflError(
+            f"none of the {len(paths)} file(s) given is a `grbfl simulate --json` "
+            "results file"
+        )
+    return results
 
 
 def labels_for(results: list[Results]) -> list[str]:
@@ -345,9 +384,7 @@ def plot_phases(results: list[Results], labels: list[str], out: Path) -> Path:
 
 def plot_results(paths: list[Path], out: Path) -> list[Path]:
     """Write the figures for these results files into ``out``; return their paths."""
-    if not paths:
-        raise GrbflError("no results files given")
-    results = [load_results(Path(p)) for p in paths]
+    results = load_all_results(paths)
     labels = labels_for(results)
     _require_matplotlib()  # before creating folders the user would find empty
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +425,7 @@ def write_tensorboard(paths: list[Path], logdir: Path) -> list[Path]:
         raise GrbflError(
             "TensorBoard logs need tensorboard: pip install 'grbfl[tensorboard]'"
         ) from exc
-    results = [load_results(Path(p)) for p in paths]
+    results = load_all_results(paths)
     labels = labels_for(results)
     written: list[Path] = []
     for r, label in zip(results, labels, strict=True):

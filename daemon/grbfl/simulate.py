@@ -15,11 +15,13 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from .data import (
     parse_partition_scheme,
     partition,
 )
-from .errors import GrbflError
+from .errors import GrbflError, UsageError
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ DIGITS_LR = 0.02
 WARMUP_STEPS = 100
 # Seconds between progress lines while nothing but participant states change.
 PROGRESS_EVERY_S = 10.0
+# Seconds from the aggregator moving on to printing the states, so that the line
+# shows the participants at the new phase's work: they take it up well within a
+# second, once the order and the model have crossed the broker.
+SETTLE_S = 1.0
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grbfl"
 
 
@@ -250,7 +256,7 @@ def prepare(
 
     threads = max(1, (os.cpu_count() or 1) // opts.participants)
     configs: dict[str, Path] = {}
-    agg_state = workdir / "aggregator"
+    agg_state = aggregator_state(workdir)
     configs["aggregator"] = workdir / "aggregator.toml"
     configs["aggregator"].write_text(
         dump_toml(
@@ -294,36 +300,55 @@ def prepare(
 class Progress:
     """Prints what the federation is doing, from what it says on the broker."""
 
-    def __init__(self, total_rounds: int, quiet: bool) -> None:
+    def __init__(
+        self,
+        total_rounds: int,
+        quiet: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total = total_rounds
         self.quiet = quiet
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
         self.states: dict[str, str] = {}
         self.last_line = ""
         self.last_print = 0.0
+        # When the states line is next to be printed, if it says something new.
+        self.due: float | None = None
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            print(f"[{time.monotonic() - self.start:6.0f}s] {text}", flush=True)
+            print(f"[{self.clock() - self.start:6.0f}s] {text}", flush=True)
 
     def on_status(self, node: str, body: Any) -> None:
-        """Print the federation's states when the aggregator moves on, and at most
-        every PROGRESS_EVERY_S seconds otherwise, so long rounds show life without
-        a line per message."""
+        """Print the federation's states SETTLE_S after the aggregator moves on,
+        and at most every PROGRESS_EVERY_S seconds otherwise, so long rounds show
+        life without a line per message."""
         if not isinstance(body, dict):
             return
         previous = self.states.get(node)
         self.states[node] = str(body.get("state"))[:20]
         if node == "aggregator" and isinstance(body.get("round"), int):
             self.round = body["round"]
+        now = self.clock()
+        if self.due is not None:
+            pass  # a line is coming; it will show this too
+        elif node == "aggregator" and previous != self.states[node]:
+            self.due = now + SETTLE_S
+        elif now - self.last_print >= PROGRESS_EVERY_S:
+            self.due = now
+        self.flush()
+
+    def flush(self) -> None:
+        """Print the states line if it is due and says something new."""
+        now = self.clock()
+        if self.due is None or now < self.due:
+            return
+        self.due = None
         line = "  ".join(f"{n}:{s}" for n, s in sorted(self.states.items()))
-        now = time.monotonic()
-        aggregator_moved = node == "aggregator" and previous != self.states[node]
-        if line != self.last_line and (
-            aggregator_moved or now - self.last_print >= PROGRESS_EVERY_S
-        ):
+        if line != self.last_line:
             self.last_line = line
             self.last_print = now
             self.say(f"round {self.round}/{self.total}  {line}")
@@ -390,6 +415,7 @@ async def supervise(fed: Federation, progress: Progress) -> None:
                         f"{node} exited with code {code}; last lines of "
                         f"{fed.log_path(node)}:\n{fed.log_tail(node)}"
                     )
+            progress.flush()
             await asyncio.sleep(0.5)
     finally:
         watcher.cancel()
@@ -398,22 +424,78 @@ async def supervise(fed: Federation, progress: Progress) -> None:
 
 
 def read_metrics(agg_state: Path) -> list[dict[str, Any]]:
+    """The aggregator's per-round records of its latest run, one per round."""
     path = agg_state / "metrics.jsonl"
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    # A checkpoint moved away starts a new run in the same folder: only the latest
+    # run counts.
+    if records:
+        records = [r for r in records if r.get("run") == records[-1].get("run")]
     # A resumed run may repeat a round it had not checkpointed; keep the last.
     by_round = {r["round"]: r for r in records}
     return [by_round[k] for k in sorted(by_round)]
 
 
+def aggregator_state(workdir: Path) -> Path:
+    """The simulated aggregator's state folder (checkpoints, metrics)."""
+    return workdir / "aggregator"
+
+
+def checkpointed_round(agg_state: Path) -> int | None:
+    """The last round the aggregator checkpointed in this folder; None if it holds
+    no readable checkpoint (the aggregator itself deals with damaged ones)."""
+    # The aggregator module imports torch: only worth it with a checkpoint to read.
+    if not agg_state.is_dir() or not any(agg_state.glob("checkpoint*.cbor")):
+        return None
+    from .aggregator import CHECKPOINT, PREVIOUS_CHECKPOINT, read_checkpoint
+
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = agg_state / name
+        if not path.exists():
+            continue
+        try:
+            done = read_checkpoint(path).get("round")
+        except (GrbflError, OSError):
+            continue
+        return done if isinstance(done, int) else None
+    return None
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM meanwhile: a second one while the federation
+    is being stopped would leave its processes running, each in its own session."""
+    try:
+        previous = {
+            sig: signal.signal(sig, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+    except ValueError:  # not the main thread: signals go elsewhere anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_federation(opts: SimOptions) -> dict[str, Any]:
+    """Run a federation to the end; return its results.
+
+    A folder made here (no --workdir) is removed at the end and on Ctrl-C; when a
+    process failed it is kept for its logs, and the error says where it is.
+    """
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="grbfl-sim-"))
     workdir.mkdir(parents=True, exist_ok=True)
     broker: PrivateBroker | None = None
     started = time.monotonic()
     progress = Progress(opts.rounds, opts.quiet)
     fed: Federation | None = None
+    agg_state = aggregator_state(workdir)
+    failure: BaseException | None = None
     try:
         if opts.broker:
             host, port = parse_broker(opts.broker)
@@ -421,6 +503,12 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
             broker = PrivateBroker(workdir / "broker").start()
             host, port = broker.host, broker.port
             progress.say(f"private Mosquitto on {host}:{port}")
+        done = checkpointed_round(agg_state) if opts.workdir is not None else None
+        if done is not None:
+            progress.say(
+                f"resuming the unfinished run in {workdir} after round "
+                f"{done} of {opts.rounds}"
+            )
         fed, agg_state = prepare(opts, workdir, host, port)
         progress.say(
             f"{opts.participants} participants + aggregator, strategy {opts.strategy}, "
@@ -429,24 +517,36 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
         for node in fed.configs:
             fed.start(node)
         asyncio.run(supervise(fed, progress))
-    except BaseException:
-        # Nothing ran yet: no logs worth keeping in a folder we made ourselves.
-        if fed is None or not fed.processes:
-            if broker is not None:
-                broker.stop()
-            if opts.workdir is None:
-                shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException as exc:
+        failure = exc
         raise
     finally:
-        if fed is not None:
-            fed.stop_all()
-        if broker is not None:
-            broker.stop()
+        with _interrupts_held():
+            if fed is not None:
+                fed.stop_all()
+            if broker is not None:
+                broker.stop()
+            if failure is not None:
+                _after_failure(opts, workdir, fed, failure)
     records = read_metrics(agg_state)
     result = summarise(opts, records, time.monotonic() - started)
     if not opts.keep and opts.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _after_failure(
+    opts: SimOptions, workdir: Path, fed: Federation | None, exc: BaseException
+) -> None:
+    """Remove a folder made here unless its logs explain a failure; say where
+    they are when they do."""
+    ran = fed is not None and bool(fed.processes)
+    if opts.workdir is None and (not ran or isinstance(exc, KeyboardInterrupt)):
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif opts.workdir is None:
+        exc.add_note(f"logs, configs and state kept in {workdir}; delete it when done")
+    elif ran and not isinstance(exc, KeyboardInterrupt):
+        exc.add_note(f"logs, configs and state are in {workdir}")
 
 
 def summarise(
@@ -592,6 +692,17 @@ def check_options(opts: SimOptions) -> None:
         raise GrbflError(f"--partition: {exc}") from exc
     if opts.workdir is not None and opts.workdir.exists() and not opts.workdir.is_dir():
         raise GrbflError(f"--workdir {opts.workdir}: exists and is not a folder")
+    if opts.workdir is not None and opts.strategy != "centralized":
+        # An unfinished run there is resumed (an interrupted simulation goes on
+        # where it stopped); a finished one would only print its old table again.
+        agg_state = aggregator_state(opts.workdir)
+        done = checkpointed_round(agg_state)
+        if done is not None and done >= opts.rounds:
+            raise UsageError(
+                f"--workdir {opts.workdir} holds a finished run ({done} rounds); "
+                "pass a new --workdir, or remove "
+                f"{agg_state}/checkpoint*.cbor to start a new run in it"
+            )
     if opts.json_path is not None:
         if opts.json_path.is_dir():
             raise GrbflError(f"--json {opts.json_path}: is a folder; name a file")
@@ -627,11 +738,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'round':>5} {'accuracy':>8} {'loss':>7} {'up MB':>8} {'down MB':>8} "
         f"{'train s':>7} {'clust s':>7} {'xfer s':>6} {'aggr s':>6} {'round s':>7}"
     )
-    lines = [
-        f"strategy {result['strategy']}, model {result['model']}, "
-        f"{result['participants']} participants, partition {result['partition']}",
-        header,
-    ]
+    title = f"strategy {result['strategy']}, model {result['model']}"
+    if result["strategy"] == "centralized":
+        title += ": one model on all the training data, no participants"
+    else:
+        title += (
+            f", {result['participants']} participants, partition {result['partition']}"
+        )
+    lines = [title, header]
     for r in result["rounds"]:
         ph = r.get("phases", {})
         lines.append(
