@@ -538,22 +538,29 @@ def merge_balls(
 
     # Owners become bits so that "no participant in common" is one AND per pair.
     bits = _owner_bits(balls.owners)
-    groups: dict[int, _MergeGroup] = {}
-    for label in np.unique(balls.labels):
-        rows = np.flatnonzero(balls.labels == label)
-        groups[int(label)] = _MergeGroup(balls.subset(rows), bits[rows])
+    rows_of = {
+        int(label): np.flatnonzero(balls.labels == label)
+        for label in np.unique(balls.labels)
+    }
+
+    def merge_class(label: int) -> _MergeGroup:
+        # Copying a class out in float64 costs as much as merging it: in the worker.
+        rows = rows_of[label]
+        group = _MergeGroup(balls.subset(rows), bits[rows])
+        group.run(closeness, cap)
+        return group
 
     # Classes are independent: one worker thread per usable core, largest first.
-    largest_first = sorted(groups.values(), key=lambda g: -len(g.sizes))
-    workers = min(len(groups), _usable_cores())
+    largest_first = sorted(rows_of, key=lambda label: -len(rows_of[label]))
+    workers = min(len(rows_of), _usable_cores())
     with threadpool_limits(limits=1, user_api="blas"):
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="merge") as pool:
-                for _ in pool.map(lambda g: g.run(closeness, cap), largest_first):
-                    pass
+                merged_groups = pool.map(merge_class, largest_first)
+                done = dict(zip(largest_first, merged_groups, strict=True))
         else:
-            for group in largest_first:
-                group.run(closeness, cap)
+            done = {label: merge_class(label) for label in largest_first}
+    groups = {label: done[label] for label in sorted(done)}
     merged = BallSet.concat([group.result(label) for label, group in groups.items()])
     passes = max(group.passes for group in groups.values())
     unverified = sum(group.unverified for group in groups.values())
@@ -675,9 +682,7 @@ def _cluster(
     ``min_size`` members when the class has that many."""
     # k-means cannot find more clusters than distinct points (it would warn and leave
     # some empty), so duplicates lower the count.
-    rows = np.ascontiguousarray(members + np.float32(0))  # -0.0 and 0.0 compare equal
-    distinct = np.unique(rows.view(np.dtype((np.void, rows.strides[0])))).shape[0]
-    clusters = min(wanted, distinct)
+    clusters = min(wanted, _distinct_rows(members))
     if clusters <= 1:
         return np.zeros(members.shape[0], np.int64)
     model = KMeans(
@@ -703,12 +708,13 @@ def _fill_small_clusters(
     only grow and halves start at ``min_size``, so every step removes one undersized
     cluster.
     """
-    assignment = assignment.copy()
     count = int(assignment.max()) + 1
-    points = members.astype(np.float64)
     sizes = np.bincount(assignment, minlength=count)
-    sums = np.zeros((count, points.shape[1]), np.float64)
-    np.add.at(sums, assignment, points)
+    if not ((sizes > 0) & (sizes < min_size)).any():
+        return assignment  # the usual case with a few hundred samples per ball
+    assignment = assignment.copy()
+    points = members.astype(np.float64)
+    sums = _cluster_sums(points, assignment, count)
     while True:
         live = sizes > 0
         small = np.flatnonzero(live & (sizes < min_size))
@@ -741,6 +747,27 @@ def _fill_small_clusters(
     return np.unique(assignment, return_inverse=True)[1].astype(np.int64)
 
 
+def _distinct_rows(members: FloatArray) -> int:
+    """How many different rows members holds (-0.0 and 0.0 count as equal)."""
+    rows = members + np.float32(0)  # turns -0.0 into 0.0
+    # A set of the rows' bytes: hashing, with an exact comparison on a collision,
+    # is several times cheaper than sorting rows of thousands of columns.
+    return len(set(map(bytes, rows)))
+
+
+def _cluster_sums(
+    points: npt.NDArray[np.float64], assignment: IntArray, count: int
+) -> npt.NDArray[np.float64]:
+    """Per cluster 0..count-1, the sum of its points (zeros for an empty one)."""
+    order = np.argsort(assignment, kind="stable")
+    sizes = np.bincount(assignment, minlength=count)
+    sums = np.zeros((count, points.shape[1]), np.float64)
+    filled = np.flatnonzero(sizes)
+    starts = np.concatenate(([0], np.cumsum(sizes[filled])[:-1]))
+    sums[filled] = np.add.reduceat(points[order], starts, axis=0)
+    return sums
+
+
 def _upper_half(points: npt.NDArray[np.float64]) -> BoolArray:
     """The half of the points above the median along their principal direction."""
     centred = points - points.mean(axis=0)
@@ -754,38 +781,44 @@ def _upper_half(points: npt.NDArray[np.float64]) -> BoolArray:
 def _ball_stats(
     members: FloatArray, assignment: IntArray, label: int
 ) -> tuple[BallSet, BoolArray]:
-    """Exact statistics of each non-empty cluster, and which centre equals a member."""
+    """Exact statistics of each non-empty cluster, and which centre equals a member.
+
+    Everything is measured in float64 from the float32 centre that is sent, so the
+    radius covers every member as the receiver sees the ball, and a distance of
+    exactly zero means the centre is a member. Ball by ball, so that each float64
+    copy stays small enough for the processor's caches.
+    """
     order = np.argsort(assignment, kind="stable")
-    points = members[order].astype(np.float64)
     sizes = np.bincount(assignment)
     sizes = sizes[sizes > 0]
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    ball_of = np.repeat(np.arange(sizes.shape[0]), sizes)
-
-    # Everything is measured in float64 from the float32 centre that is sent, so the
-    # radius covers every member as the receiver sees the ball, and a distance of
-    # exactly zero means the centre is a member.
-    centers = np.add.reduceat(points, starts, axis=0) / sizes[:, None]
-    sent = centers.astype(np.float32)
-    points -= sent.astype(np.float64)[ball_of]
-    points *= points
-    distances = points.sum(axis=1)
-    radii = np.sqrt(np.maximum.reduceat(distances, starts))
-    exposed = np.minimum.reduceat(distances, starts) == 0
-
-    # Population variance about the exact mean: squares about the sent centre, less
-    # the (tiny) offset between the two centres.
-    offset = centers - sent.astype(np.float64)
-    variances = np.add.reduceat(points, starts, axis=0) / sizes[:, None]
-    variances = np.maximum(variances - offset * offset, 0.0)
+    bounds = np.concatenate(([0], np.cumsum(sizes)))
+    count, dim = sizes.shape[0], members.shape[1]
+    centers = np.empty((count, dim), np.float32)
+    variances = np.empty((count, dim), np.float32)
+    radii = np.empty(count, np.float64)
+    exposed = np.empty(count, np.bool_)
+    for ball in range(count):
+        points = members[order[bounds[ball] : bounds[ball + 1]]].astype(np.float64)
+        exact = points.mean(axis=0)
+        centers[ball] = exact
+        sent = centers[ball].astype(np.float64)
+        points -= sent
+        points *= points
+        distances = points.sum(axis=1)
+        radii[ball] = np.sqrt(distances.max())
+        exposed[ball] = distances.min() == 0
+        # Population variance about the exact mean: squares about the sent centre,
+        # less the (tiny) offset between the two centres.
+        offset = exact - sent
+        variances[ball] = np.maximum(points.mean(axis=0) - offset * offset, 0.0)
 
     balls = BallSet(
-        labels=np.full(sizes.shape[0], label, np.int64),
+        labels=np.full(count, label, np.int64),
         sizes=sizes.astype(np.int64),
-        centers=sent,
-        variances=variances.astype(np.float32),
+        centers=centers,
+        variances=variances,
         radii=_round_up(radii),
-        owners=np.zeros(sizes.shape[0], np.int64),
+        owners=np.zeros(count, np.int64),
     )
     return balls, exposed
 
