@@ -16,10 +16,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import rounds
 from bench.context import DEFAULT_DATA, Context
-from bench.report import Figure, machine, markdown, table, write_results
+from bench.report import (
+    Figure,
+    earlier_figures,
+    machine,
+    markdown,
+    table,
+    write_results,
+)
 
 # Groups in the order of the issue's figures; each names the module that measures it.
 GROUPS = {
@@ -106,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    write_results(args.out, figures, mode=args.mode, started=started)
+    earlier: list[dict[str, Any]] = []
+    if args.only:
+        # Only some groups measured: the file keeps the others' latest figures.
+        measured = {importlib.import_module(GROUPS[g]).GROUP for g in args.groups}
+        earlier = earlier_figures(args.out, args.mode, measured)
+    write_results(args.out, figures, mode=args.mode, started=started, earlier=earlier)
     print(table(figures))
     if any(fig.group == rounds.GROUP for fig in figures):
         print("\nseconds per phase of one round (figure 6):")

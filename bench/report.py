@@ -211,17 +211,53 @@ def markdown(figures: list[Figure]) -> str:
 
 
 def write_results(
-    path: Path, figures: list[Figure], *, mode: str, started: dict[str, Any]
+    path: Path,
+    figures: list[Figure],
+    *,
+    mode: str,
+    started: dict[str, Any],
+    earlier: list[dict[str, Any]] | None = None,
 ) -> None:
-    """results.json: one entry per figure, with the machine before and after."""
+    """results.json: one entry per figure, with the machine before and after.
+
+    ``earlier`` entries (of groups not measured this time) are kept, in group order.
+    Each entry says when it was measured.
+    """
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    entries = [{**fig.as_dict(), "measured": now} for fig in figures]
+    entries = sorted([*(earlier or []), *entries], key=lambda e: _group_order(e))
     document = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": now,
         "mode": mode,
         "machine_at_start": started,
         "machine_at_end": machine(),
-        "figures": [fig.as_dict() for fig in figures],
+        "figures": entries,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def _group_order(entry: dict[str, Any]) -> int:
+    """Groups are named '<figure number> <name>'; sort by the number."""
+    head = str(entry.get("group", "")).split(" ", 1)[0]
+    return int(head) if head.isdigit() else 99
+
+
+def earlier_figures(path: Path, mode: str, groups: set[str]) -> list[dict[str, Any]]:
+    """The entries of ``path`` measured in the same mode, outside ``groups``.
+
+    A run of some groups only (``--only``) keeps the rest of the file; a file of
+    another mode, or one that cannot be read, is replaced whole.
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(document, dict) or document.get("mode") != mode:
+        return []
+    entries = document.get("figures")
+    if not isinstance(entries, list):
+        return []
+    return [e for e in entries if isinstance(e, dict) and e.get("group") not in groups]

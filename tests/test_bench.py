@@ -26,6 +26,7 @@ ENTRY_KEYS = (
     "met",
     "note",
     "detail",
+    "measured",
 )
 TINY_GROUPS = {"1 aggregation", "2 wire", "3 orchestration", "4 clustering"}
 
@@ -99,3 +100,32 @@ def test_round_breakdown_lists_every_phase_and_what_they_leave_out(
 
     assert (memory.peak_kib(os.getpid()) or 0) > 10_000
     assert memory.peak_kib(2**22 + 12345) is None
+
+
+def test_a_partial_run_keeps_the_other_groups_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m bench --only wire` replaces the wire figures and keeps the rest of
+    a results file of the same mode, in figure order; another mode's file is not
+    mixed in."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.report import Figure, earlier_figures, machine, write_results
+
+    out = tmp_path / "results.json"
+    first = [
+        Figure("1 aggregation", "a", 1.0, "s", 2.0, "base"),
+        Figure("2 wire", "old wire", 1.0, "s", 2.0, "base"),
+        Figure("4 clustering", "c", 3.0, "s", 2.0, "base"),
+    ]
+    write_results(out, first, mode="full", started=machine())
+
+    kept = earlier_figures(out, "full", {"2 wire"})
+    assert [e["name"] for e in kept] == ["a", "c"]
+    new = [Figure("2 wire", "new wire", 5.0, "s", 4.0, "base")]
+    write_results(out, new, mode="full", started=machine(), earlier=kept)
+    figures = json.loads(out.read_text())["figures"]
+    assert [f["name"] for f in figures] == ["a", "new wire", "c"]
+    assert figures[1]["ratio"] == pytest.approx(1.25)
+
+    assert earlier_figures(out, "quick", {"2 wire"}) == []
+    assert earlier_figures(tmp_path / "missing.json", "full", set()) == []
