@@ -4,6 +4,7 @@ python -m bench                      everything (what `make bench` runs)
 python -m bench --quick              each kind of figure once, smaller
 python -m bench --only wire,memory   some groups only
 python -m bench --tiny --out X.json  the machinery at toy sizes (the tests)
+python -m bench --show --markdown    print results.json again, measuring nothing
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.report import (
     earlier_figures,
     machine,
     markdown,
+    read_figures,
     table,
     write_results,
 )
@@ -70,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "libraries' own choice, as the daemons make it; 1 with --tiny)",
     )
     parser.add_argument("--markdown", action="store_true", help="also print Markdown")
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="print the figures of --out as tables and measure nothing",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.only.split(",") if g.strip()]
@@ -85,6 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.show:
+        try:
+            figures = read_figures(args.out)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"python -m bench: cannot read {args.out}: {exc}", file=sys.stderr)
+            return 1
+        show(figures, markdown_too=args.markdown)
+        return 0
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -120,16 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = {importlib.import_module(GROUPS[g]).GROUP for g in args.groups}
         earlier = earlier_figures(args.out, args.mode, measured)
     write_results(args.out, figures, mode=args.mode, started=started, earlier=earlier)
-    print(table(figures))
-    if any(fig.group == rounds.GROUP for fig in figures):
-        print("\nseconds per phase of one round (figure 6):")
-        print(rounds.breakdown(figures))
-    if args.markdown:
-        print()
-        print(markdown(figures))
-        if any(fig.group == rounds.GROUP for fig in figures):
-            print()
-            print(rounds.breakdown(figures, markdown=True))
+    show(figures, markdown_too=args.markdown)
     load = started["load_average"][0]
     print(
         f"\n{len(figures)} figures in {time.monotonic() - ctx.started:.0f} s on "
@@ -137,6 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         f"written to {args.out}"
     )
     return 0
+
+
+def show(figures: list[Figure], *, markdown_too: bool) -> None:
+    """The figures as a table, the round breakdown, and Markdown when asked."""
+    print(table(figures))
+    if any(fig.group == rounds.GROUP for fig in figures):
+        print("\nseconds per phase of one round (figure 6):")
+        print(rounds.breakdown(figures))
+    if markdown_too:
+        print()
+        print(markdown(figures))
+        if any(fig.group == rounds.GROUP for fig in figures):
+            print()
+            print(rounds.breakdown(figures, markdown=True))
 
 
 if __name__ == "__main__":

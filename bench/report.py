@@ -31,6 +31,7 @@ ENTRY_KEYS = (
     "met",
     "note",
     "detail",
+    "measured",
 )
 
 
@@ -225,6 +226,7 @@ def write_results(
     """
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entries = [{**fig.as_dict(), "measured": now} for fig in figures]
+    assert all(tuple(entry) == ENTRY_KEYS for entry in entries)
     entries = sorted([*(earlier or []), *entries], key=lambda e: _group_order(e))
     document = {
         "created": now,
@@ -261,3 +263,22 @@ def earlier_figures(path: Path, mode: str, groups: set[str]) -> list[dict[str, A
     if not isinstance(entries, list):
         return []
     return [e for e in entries if isinstance(e, dict) and e.get("group") not in groups]
+
+
+def read_figures(path: Path) -> list[Figure]:
+    """The figures of a results file, as measured (to print them again)."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        Figure(
+            entry["group"],
+            entry["name"],
+            entry["value"],
+            entry["unit"],
+            entry["baseline"],
+            entry["baseline_name"],
+            Goal(**entry["goal"]) if entry["goal"] else None,
+            entry["note"],
+            entry["detail"],
+        )
+        for entry in document["figures"]
+    ]

@@ -15,7 +15,6 @@ import asyncio
 import json
 import math
 import signal
-import socket
 import threading
 import time
 import tomllib
@@ -47,6 +46,7 @@ from grbfl.models import build_model
 from grbfl.simulate import FEDERATION, Federation, SimOptions, prepare, read_metrics
 from grbfl.topics import Topics
 from grbfl.training import TrainSettings, train
+from notify_socket import NotifySocket
 
 pytestmark = pytest.mark.broker
 
@@ -563,38 +563,6 @@ def test_every_round_finishes_through_broker_restarts_between_and_during_rounds(
 # --- 3. long local work ------------------------------------------------------------
 
 
-class FakeNotifySocket:
-    """systemd's notify socket, played by the test: every datagram with its time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.messages: list[tuple[float, str]] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self._stopping = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode(errors="replace")))
-
-    def pings(self) -> list[float]:
-        return [t for t, m in self.messages if "WATCHDOG=1" in m.splitlines()]
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 def seconds_per_epoch(train_dir: Path, images: int) -> float:
     """How long one local epoch on `images` digits takes on one thread, now."""
     import torch
@@ -630,7 +598,7 @@ def test_training_longer_than_several_keepalives_keeps_link_and_watchdog_alive(
     keepalive = 5
     images = 300
     epochs = math.ceil(3.5 * keepalive / seconds_per_epoch(digits_dirs[0], images))
-    notify = FakeNotifySocket(tmp_path / "notify")
+    notify = NotifySocket(tmp_path / "notify")
     cleanup.append(notify)
     fed, agg_state = make_federation(
         tmp_path,
@@ -662,7 +630,7 @@ def test_training_longer_than_several_keepalives_keeps_link_and_watchdog_alive(
     assert "exceeded timeout" not in broker.log_path.read_text()
     assert connections(broker, "p1") == 1
     assert "unreachable" not in log_of(fed, "p1")
-    pings = notify.pings()
+    pings = notify.times_of("WATCHDOG")
     gaps = np.diff(pings)
     assert len(pings) >= trained, f"{len(pings)} pings in {trained:.0f} s of training"
     assert gaps.max() < 2.0, f"the watchdog went {gaps.max():.1f} s without a ping"

@@ -124,3 +124,23 @@ def test_state_check_names_the_bad_weight() -> None:
         wire.check_state(wrong_shape, reference, "update from p1")
     with pytest.raises(WireError, match="missing"):
         wire.check_state({"w": reference["w"]}, reference, "update from p1")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_state_check_bounds_every_weight_exactly(dtype: str) -> None:
+    """One value just past MAX_WEIGHT among many small ones is refused, one just
+    within it passes, and an infinity is named as such, for every float width."""
+    reference = {"w": np.zeros(100_000, dtype)}
+    limit = min(wire.MAX_WEIGHT, float(np.finfo(dtype).max))
+    within = np.full(100_000, 0.5, dtype)
+    within[7] = np.asarray(limit, dtype)
+    assert wire.check_state({"w": within}, reference, "p1")["w"] is within
+
+    above = np.full(100_000, 0.5, dtype)
+    if float(np.finfo(dtype).max) > wire.MAX_WEIGHT:  # float16 tops out below it
+        above[7] = np.nextafter(np.asarray(limit, dtype), np.asarray(np.inf, dtype))
+        with pytest.raises(WireError, match="'w' has a value above"):
+            wire.check_state({"w": above}, reference, "p1")
+    above[7] = -np.inf
+    with pytest.raises(WireError, match="'w' holds NaN or infinity"):
+        wire.check_state({"w": above}, reference, "p1")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .errors import GrbflError
 
-# Each tensor is averaged a slice at a time: every state's slice is cast into one
-# float64 matrix of about this size (it stays in the last-level cache), and one
-# matrix-vector product with the shares sums it. Whole-tensor float64 temporaries
-# (a cast and a product per state) made averaging six times as slow as a bare
-# float32 sum; this reads each state once.
-_SLICE_BYTES = 8 << 20
-_SLICE_MAX = 1 << 16
-_SLICE_MIN = 1 << 10
+# Each tensor is averaged a slice at a time into a float64 accumulator of this many
+# elements: each state's slice is scaled by its share into a float64 scratch row and
+# added, so both rows stay in the processor's cache and each state is read once.
+# Whole-tensor float64 temporaries made averaging six times as slow as a bare
+# float32 sum; casting every state's slice into one matrix for a matrix-vector
+# product was 1.4 times as slow; this is 1.3 times (100 ResNet-18 states, `make
+# bench`), and wider or narrower slices were slower.
+_SLICE = 1 << 16
 
 
 def weighted_average(
@@ -34,24 +33,25 @@ def weighted_average(
     total = float(sum(weights))
     if total <= 0:
         raise GrbflError("sample counts must add up to more than zero")
-    shares = np.array([w / total for w in weights], np.float64)
-    width = max(_SLICE_MIN, min(_SLICE_MAX, _SLICE_BYTES // (8 * len(states))))
-    rows = np.empty((len(states), width), np.float64)
+    shares = [np.float64(w / total) for w in weights]
+    acc = np.empty(_SLICE, np.float64)
+    scratch = np.empty(_SLICE, np.float64)
 
     result: dict[str, np.ndarray] = {}
-    # One BLAS thread: the products are small, and on a busy machine extra BLAS
-    # threads spin against the other work instead of helping.
-    with threadpool_limits(limits=1, user_api="blas"):
-        for name, first in states[0].items():
-            flats = [np.ravel(state[name]) for state in states]
-            out = np.empty(first.shape, first.dtype)
-            flat_out = out.reshape(-1)
-            for start in range(0, first.size, width):
-                stop = min(start + width, first.size)
-                matrix = rows[:, : stop - start]
-                for row, flat in zip(matrix, flats, strict=True):
-                    row[...] = flat[start:stop]
-                acc = shares @ matrix
-                flat_out[start:stop] = acc if first.dtype.kind == "f" else np.rint(acc)
-            result[name] = out
+    for name, first in states[0].items():
+        flats = [np.ravel(state[name]) for state in states]
+        out = np.empty(first.shape, first.dtype)
+        flat_out = out.reshape(-1)
+        for start in range(0, first.size, _SLICE):
+            stop = min(start + _SLICE, first.size)
+            total_row, row = acc[: stop - start], scratch[: stop - start]
+            # float64 shares: the products are float64 whatever the state's dtype.
+            np.multiply(flats[0][start:stop], shares[0], out=total_row)
+            for flat, share in zip(flats[1:], shares[1:], strict=True):
+                np.multiply(flat[start:stop], share, out=row)
+                total_row += row
+            flat_out[start:stop] = (
+                total_row if first.dtype.kind == "f" else np.rint(total_row)
+            )
+        result[name] = out
     return result
