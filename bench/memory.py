@@ -65,17 +65,17 @@ def peak_kib(pid: int) -> int | None:
     return None
 
 
-def bare_training_mib(model: str, threads: int) -> float:
+def bare_training_mb(model: str, threads: int) -> float:
     out = subprocess.run(
         [sys.executable, "-c", _BARE_TRAINING, str(threads), model, str(BATCH)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return int(out.stdout.split()[-1]) / 1024
+    return int(out.stdout.split()[-1]) * 1024 / 1e6
 
 
-def participant_peak_mib(ctx: Context, model: str, images: int) -> tuple[float, int]:
+def participant_peak_mb(ctx: Context, model: str, images: int) -> tuple[float, int]:
     """Peak RSS of the one participant of a one-round federation; its threads."""
     workdir = ctx.scratch("memory")
     if ctx.data is not None and ctx.mode != "tiny":
@@ -118,7 +118,7 @@ def participant_peak_mib(ctx: Context, model: str, images: int) -> tuple[float, 
                 )
         finally:
             fed.stop_all()
-    return peak / 1024, fed.threads.get("p1", 0)
+    return peak * 1024 / 1e6, fed.threads.get("p1", 0)
 
 
 def run(ctx: Context) -> list[Figure]:
@@ -126,9 +126,9 @@ def run(ctx: Context) -> list[Figure]:
     # A full embedding batch is 512 images: the full run holds one.
     images = ctx.pick(full=512, quick=192, tiny=128)
     ctx.say(f"memory: one {model} round of a participant with {images} images")
-    peak, threads = participant_peak_mib(ctx, model, images)
+    peak, threads = participant_peak_mb(ctx, model, images)
     ctx.say("memory: bare training steps")
-    bare = bare_training_mib(model, threads or 1)
+    bare = bare_training_mb(model, threads or 1)
     return [
         Figure(
             GROUP,
@@ -139,7 +139,7 @@ def run(ctx: Context) -> list[Figure]:
             "bare torch training steps",
             GOAL,
             note=f"{images} local images ({images * 12 / 1024:.0f} MiB as float "
-            f"pixels); MiB of VmHWM",
+            f"pixels); VmHWM in MB of 10^6 bytes",
             detail={"threads": threads, "images": images},
         )
     ]

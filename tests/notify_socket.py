@@ -47,7 +47,7 @@ class NotifySocket:
         with self.lock:
             return [fields[key] for _, fields in self.messages if key in fields]
 
-    def close(self) -> None:
+    def stop(self) -> None:
         self._closed.set()
         self._thread.join(timeout=2)
         self.sock.close()

@@ -225,7 +225,7 @@ def test_daemons_tell_systemd_ready_watchdog_and_status_through_a_round(
             codes = daemons.wait(RUN_TIMEOUT_S)
     finally:
         for s in sockets.values():
-            s.close()
+            s.stop()
 
     assert codes == {"agg": 0, "p1": 0}, daemons.logs()
     for name, sock in sockets.items():
