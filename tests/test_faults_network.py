@@ -234,6 +234,17 @@ def start_all(fed: Federation) -> None:
         fed.start(node)
 
 
+def started_federation(
+    cleanup: list[Any], *args: Any, **kwargs: Any
+) -> tuple[Federation, Path]:
+    """make_federation's federation, every process started, stopped after the
+    test whatever happens."""
+    fed, agg_state = make_federation(*args, **kwargs)
+    cleanup.append(fed)
+    start_all(fed)
+    return fed, agg_state
+
+
 def finish(fed: Federation, timeout: float = 120.0) -> None:
     """Wait for the aggregator to exit after the last round; it must succeed."""
     code = wait_for(
@@ -391,11 +402,9 @@ def test_model_and_update_arrive_whole_through_a_small_max_packet_size(
     broker = packet_limited_broker
     watcher = Watcher(broker)
     cleanup.append(watcher)
-    fed, agg_state = make_federation(
-        tmp_path, broker, digits_dirs, participants=1, limits={"p1": 100}
+    fed, agg_state = started_federation(
+        cleanup, tmp_path, broker, digits_dirs, participants=1, limits={"p1": 100}
     )
-    cleanup.append(fed)
-    start_all(fed)
     finish(fed)
 
     assert [(r["round"], r["participants"]) for r in read_metrics(agg_state)] == [
@@ -425,7 +434,8 @@ def test_update_over_message_size_limit_fails_naming_sizes_and_the_node_stays_up
     resending; it stays up, and the round closes with p1 at its deadline."""
     broker = message_limited_broker
     fits = {"broker": {"chunk_bytes": 16_384}}
-    fed, agg_state = make_federation(
+    fed, agg_state = started_federation(
+        cleanup,
         tmp_path,
         broker,
         digits_dirs,
@@ -434,8 +444,6 @@ def test_update_over_message_size_limit_fails_naming_sizes_and_the_node_stays_up
         limits={"p1": 64, "p2": 64},
         settings={"aggregator": fits, "p1": fits},
     )
-    cleanup.append(fed)
-    start_all(fed)
 
     wait_for(lambda: "cannot send the update" in log_of(fed, "p2"), "p2's error", fed)
     finish(fed)
@@ -465,11 +473,9 @@ def test_model_over_message_size_limit_stops_the_aggregator_with_a_config_error(
     configuration-error status (systemd does not restart it) and a message that
     names the model's size, the chunk size and the setting to change."""
     broker = message_limited_broker
-    fed, _ = make_federation(
-        tmp_path, broker, digits_dirs, participants=1, limits={"p1": 64}
+    fed, _ = started_federation(
+        cleanup, tmp_path, broker, digits_dirs, participants=1, limits={"p1": 64}
     )
-    cleanup.append(fed)
-    start_all(fed)
 
     code = wait_for(
         lambda: fed.processes["aggregator"].poll() is not None,
@@ -505,7 +511,8 @@ def test_every_round_finishes_through_broker_restarts_between_and_during_rounds(
     cleanup.append(broker)
     watcher = Watcher(broker)
     cleanup.append(watcher)
-    fed, agg_state = make_federation(
+    fed, agg_state = started_federation(
+        cleanup,
         tmp_path,
         broker,
         digits_dirs,
@@ -514,8 +521,6 @@ def test_every_round_finishes_through_broker_restarts_between_and_during_rounds(
         local_epochs=2,
         limits={"p1": 200, "p2": 200},
     )
-    cleanup.append(fed)
-    start_all(fed)
 
     # Between rounds: as soon as round 1 is on disk.
     wait_for(lambda: read_metrics(agg_state), "round 1 to finish", fed)
@@ -655,7 +660,8 @@ def test_sigterm_mid_round_publishes_offline_and_the_round_closes_at_once(
     the aggregator closes the round with p1 at once, not at its 120 s deadline."""
     watcher = Watcher(broker)
     cleanup.append(watcher)
-    fed, agg_state = make_federation(
+    fed, agg_state = started_federation(
+        cleanup,
         tmp_path,
         broker,
         digits_dirs,
@@ -664,8 +670,6 @@ def test_sigterm_mid_round_publishes_offline_and_the_round_closes_at_once(
         local_epochs=12,
         limits={"p1": 64, "p2": 700},
     )
-    cleanup.append(fed)
-    start_all(fed)
     wait_for(
         lambda: (
             "update from p1" in log_of(fed, "aggregator")
@@ -836,7 +840,8 @@ def test_a_participant_killed_mid_round_is_waited_for_neither_now_nor_later(
     deadline, and round 2 runs with them without waiting for p3."""
     watcher = Watcher(broker)
     cleanup.append(watcher)
-    fed, agg_state = make_federation(
+    fed, agg_state = started_federation(
+        cleanup,
         tmp_path,
         broker,
         digits_dirs,
@@ -847,8 +852,6 @@ def test_a_participant_killed_mid_round_is_waited_for_neither_now_nor_later(
         local_epochs=8,
         limits={"p1": 64, "p2": 64, "p3": 700},
     )
-    cleanup.append(fed)
-    start_all(fed)
     wait_for(lambda: "round 1 train: working" in log_of(fed, "p3"), "p3 to train", fed)
     killed = time.monotonic()
     fed.processes["p3"].send_signal(signal.SIGKILL)
@@ -877,7 +880,8 @@ def test_a_round_left_short_by_a_kill_is_retried_and_the_node_rejoins(
     """SIGKILL p2 while it trains, with min_participants = 2: round 1 cannot close
     at its deadline and is announced again; p2, started again, answers the retry,
     and both rounds finish with both participants."""
-    fed, agg_state = make_federation(
+    fed, agg_state = started_federation(
+        cleanup,
         tmp_path,
         broker,
         digits_dirs,
@@ -886,8 +890,6 @@ def test_a_round_left_short_by_a_kill_is_retried_and_the_node_rejoins(
         local_epochs=3,
         limits={"p1": 64, "p2": 300},
     )
-    cleanup.append(fed)
-    start_all(fed)
     wait_for(lambda: "round 1 train: working" in log_of(fed, "p2"), "p2 to train", fed)
     fed.processes["p2"].send_signal(signal.SIGKILL)
     wait_for(
