@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import shutil
 import sys
@@ -79,14 +80,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    wanted = [g.strip() for g in args.only.split(",") if g.strip()]
+    wanted = list(dict.fromkeys(g.strip() for g in args.only.split(",") if g.strip()))
     unknown = [g for g in wanted if g not in GROUPS]
     if unknown:
         parser.error(
             f"--only: unknown group {unknown[0]!r}; choose from {list(GROUPS)}"
         )
+    if args.only and not wanted:
+        parser.error(f"--only: name at least one group of {list(GROUPS)}")
     args.groups = wanted or [g for g in GROUPS if not (args.tiny and g in _TINY_SKIPS)]
     args.mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.out.is_dir():
+        parser.error(f"--out {args.out}: is a folder; name a file")
+    if wanted and not args.show and args.out.exists():
+        # Some groups only: their figures go into the file beside the others',
+        # which must be of the same mode (and readable) to be kept.
+        try:
+            held = json.loads(args.out.read_text(encoding="utf-8")).get("mode")
+        except (OSError, ValueError, AttributeError) as exc:
+            parser.error(
+                f"--out {args.out}: cannot keep its other figures ({exc}); remove "
+                "it or pass another --out"
+            )
+        if held != args.mode:
+            parser.error(
+                f"--out {args.out} holds figures measured in mode {held!r}, not "
+                f"{args.mode!r}; measure in that mode or pass another --out"
+            )
     return args
 
 
@@ -95,10 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         try:
             figures = read_figures(args.out)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
             print(f"python -m bench: cannot read {args.out}: {exc}", file=sys.stderr)
             return 1
-        show(figures, markdown_too=args.markdown)
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            print(
+                f"python -m bench: {args.out} is not a results file of this bench "
+                f"({type(exc).__name__}: {exc})",
+                file=sys.stderr,
+            )
+            return 1
+        try:
+            show(figures, markdown_too=args.markdown)
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            print(
+                f"python -m bench: {args.out} holds a figure that cannot be shown "
+                f"({type(exc).__name__}: {exc})",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -135,3 +135,27 @@ def test_a_partial_run_keeps_the_other_groups_figures(
 
     assert earlier_figures(out, "quick", {"2 wire"}) == []
     assert earlier_figures(tmp_path / "missing.json", "full", set()) == []
+
+
+def test_only_refuses_a_file_of_another_mode_and_repeats_no_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--only merges into --out: a file measured in another mode would lose its
+    figures, so it is refused before anything is measured; a group named twice is
+    measured once, and an --only naming nothing is an error."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.__main__ import parse_args
+
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"mode": "full", "figures": []}))
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--tiny", "--only", "clustering", "--out", str(out)])
+    assert stop.value.code == 2
+    assert "measured in mode 'full', not 'tiny'" in capsys.readouterr().err
+
+    args = parse_args(["--only", "wire,clustering,wire", "--out", str(out)])
+    assert args.groups == ["wire", "clustering"]
+    with pytest.raises(SystemExit):
+        parse_args(["--only", ",", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path)])

@@ -22,7 +22,7 @@ from grbfl.aggregator import Aggregator
 from grbfl.broker import PrivateBroker
 from grbfl.config import config_from_dict
 from grbfl.data import discover_classes, load_image_folder
-from grbfl.errors import GrbflError
+from grbfl.errors import GrbflError, UsageError
 from grbfl.simulate import (
     FEDERATION,
     SETTLE_S,
@@ -30,6 +30,7 @@ from grbfl.simulate import (
     Progress,
     SimOptions,
     _after_failure,
+    _workdir_lock,
     aggregator_state,
     check_options,
     format_table,
@@ -366,6 +367,7 @@ def test_workdir_with_a_finished_run_is_refused_and_an_unfinished_one_resumed(
             "node": {"role": "aggregator", "id": "aggregator"},
             "data": {"dir": str(tmp_path), "classes": ["a", "b"]},
             "strategy": {"name": "fedavg"},
+            "rounds": {"rounds": 3},
             "state": {"dir": str(agg_state)},
         }
     )
@@ -382,7 +384,39 @@ def test_workdir_with_a_finished_run_is_refused_and_an_unfinished_one_resumed(
         f"a new --workdir, or remove {agg_state}/checkpoint*.cbor to start a new "
         "run in it\n"
     )
-    check_options(SimOptions(workdir=workdir, rounds=5))
+    # More rounds would not make it a longer run: its schedule spanned 3.
+    with pytest.raises(UsageError, match="holds a finished run of 3 rounds, not"):
+        check_options(SimOptions(workdir=workdir, rounds=5))
+
+    # Stopped after round 1 of 3: resumed with its own count only.
+    old._save_checkpoint(1, {"round": 1})
+    (agg_state / "checkpoint.prev.cbor").unlink()
+    check_options(SimOptions(workdir=workdir, rounds=3))
+    with pytest.raises(UsageError, match="rerun with --rounds 3 to finish it"):
+        check_options(SimOptions(workdir=workdir, rounds=5))
+
+
+def test_one_workdir_holds_one_simulation_at_a_time(tmp_path: Path) -> None:
+    """A second simulate in a --workdir in use is refused; the folder is free
+    again once the first has ended."""
+    busy = pytest.raises(UsageError, match="in use by another grbfl simulate")
+    with _workdir_lock(tmp_path), busy, _workdir_lock(tmp_path):
+        pass
+    with _workdir_lock(tmp_path):
+        pass
+
+
+def test_metrics_file_with_a_line_cut_short_still_reads(tmp_path: Path) -> None:
+    """A record cut short by a kill is skipped (with a warning), not fatal: the
+    table of the run can still be made from the other records."""
+    lines = [
+        json.dumps({"run": "r", "round": 1, "accuracy": 0.5}),
+        '{"run": "r", "round": 2, "accur',
+        json.dumps({"run": "r", "round": 2, "accuracy": 0.6}),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    records = read_metrics(tmp_path)
+    assert [(r["round"], r["accuracy"]) for r in records] == [(1, 0.5), (2, 0.6)]
 
 
 def test_progress_shows_participants_at_work_after_the_aggregator_moves_on(
@@ -414,3 +448,22 @@ def test_centralized_table_names_no_participants() -> None:
         "strategy centralized, model cnn: one model on all the training data, "
         "no participants"
     )
+
+
+@pytest.mark.broker
+def test_ctrl_c_while_the_broker_starts_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mosquitto runs in a session of its own: interrupted before it listens, the
+    start must stop it rather than leave it behind."""
+    started: list[PrivateBroker] = []
+
+    def interrupted(self: PrivateBroker, *args: object) -> None:
+        started.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PrivateBroker, "_wait_listening", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        PrivateBroker(tmp_path / "broker").start()
+    process = started[0].process
+    assert process is not None and process.poll() is not None

@@ -374,6 +374,14 @@ class Aggregator(Node):
                 f"rounds.rounds = {self.config.rounds.rounds}; move it away to "
                 "start a new run"
             )
+        total = saved.get("rounds")
+        if isinstance(total, int) and total != self.config.rounds.rounds:
+            raise ConfigError(
+                f"{source}: checkpoint {path} is of a run of {total} rounds but "
+                f"rounds.rounds = {self.config.rounds.rounds} (its learning-rate "
+                "schedule spans the rounds); set it back, or move the checkpoint "
+                "away to start a new run"
+            )
         saved_classes = saved.get("classes")
         if saved_classes is not None and list(saved_classes) != list(self.classes):
             raise ConfigError(
@@ -435,6 +443,9 @@ class Aggregator(Node):
             {
                 "run": self.run_id,
                 "round": round_,
+                # The lr schedule spans all rounds: a run is resumed only with the
+                # count it was started with.
+                "rounds": self.config.rounds.rounds,
                 "strategy": self.strategy.name,
                 "classes": list(self.classes),
                 "model": self.config.model.name,

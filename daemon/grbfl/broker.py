@@ -87,6 +87,16 @@ class PrivateBroker:
             stderr=self._log,
             start_new_session=True,
         )
+        try:
+            self._wait_listening(log_file, start_offset)
+        except BaseException:
+            # Ctrl-C included: a broker in its own session would outlive us.
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, log_file: Path, start_offset: int) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -97,10 +107,9 @@ class PrivateBroker:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     # DEBUG: its users (simulate, tests) say where it is.
                     log.debug("private broker on %s:%d", self.host, self.port)
-                    return self
+                    return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
         raise BrokerError(f"mosquitto did not listen on port {self.port} in time")
 
     def stop(self) -> None:

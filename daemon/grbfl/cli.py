@@ -364,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     except GrbflError as exc:
         _say_error("error", exc)
         return EXIT_ERROR
+    except OSError as exc:
+        # A folder that cannot be made, a file that cannot be written: the
+        # message names the path, a traceback would add nothing for a user.
+        _say_error("error", exc)
+        return EXIT_ERROR
     except KeyboardInterrupt as exc:
         _say_error("interrupted", exc)
         return EXIT_INTERRUPTED

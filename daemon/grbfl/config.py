@@ -69,7 +69,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     local_epochs: int = 1
-    batch_size: int = 64
+    # Small local batches give each round more steps: on CIFAR-10 (3 participants,
+    # 5 rounds) FedAvg reached 0.7311 at 16 against 0.7043 at 64, while one model
+    # trained centrally reached 0.7633 at 16 and 0.7805 at 64 (README).
+    batch_size: int = 16
     lr: float = 0.05
     # Random crops and mirror images; off for data that is not mirror-symmetric
     # (digits, text).

@@ -181,6 +181,11 @@ def _inside(path: str, real_root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def _unreadable(exc: OSError) -> None:
+    """os.walk's report of a folder it cannot list: its images are left out."""
+    log.warning("skipping folder %s: %s", exc.filename, exc.strerror or exc)
+
+
 def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """(path relative to root, label) of every JPEG and PNG in root's class folders.
 
@@ -224,7 +229,7 @@ def list_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
         if folder.is_symlink() and not _inside(str(folder), real_root):
             outside.append(name)
             continue
-        for dirpath, dirnames, filenames in os.walk(folder):
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=_unreadable):
             dirnames[:] = sorted(d for d in dirnames if not is_junk_folder(d))
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             for fname in sorted(filenames):

@@ -109,13 +109,18 @@ class Node:
         path = self.config.data.dir
         assert path is not None  # the config check requires it
         where = f"{self.config.source}: data.dir = '{path}'"
-        if not path.is_dir():
+        if not path.exists():
             raise ConfigError(f"{where}: no such folder")
+        if not path.is_dir():
+            raise ConfigError(f"{where}: not a folder")
         try:
             with os.scandir(path):
                 pass
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read: {exc.strerror}") from exc
+        if not os.access(path, os.X_OK):
+            # Listed but not entered (a `chmod -R 644`): nothing inside can be read.
+            raise ConfigError(f"{where}: cannot enter it (no search permission)")
         return path
 
     def _status_body(self, state: str) -> bytes:

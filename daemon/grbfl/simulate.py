@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -428,7 +429,16 @@ def read_metrics(agg_state: Path) -> list[dict[str, Any]]:
     path = agg_state / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            # A line cut short by a kill; the aggregator skips it as well.
+            log.warning("%s:%d: not a JSON record, skipped", path, number)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("round"), int):
+            records.append(record)
     # A checkpoint moved away starts a new run in the same folder: only the latest
     # run counts.
     if records:
@@ -443,9 +453,10 @@ def aggregator_state(workdir: Path) -> Path:
     return workdir / "aggregator"
 
 
-def checkpointed_round(agg_state: Path) -> int | None:
-    """The last round the aggregator checkpointed in this folder; None if it holds
-    no readable checkpoint (the aggregator itself deals with damaged ones)."""
+def checkpointed_round(agg_state: Path) -> tuple[int, int | None] | None:
+    """The last round the aggregator checkpointed in this folder, and the rounds
+    of its run (None from checkpoints that predate the count); None if the folder
+    holds no readable checkpoint (the aggregator itself deals with damaged ones)."""
     # The aggregator module imports torch: only worth it with a checkpoint to read.
     if not agg_state.is_dir() or not any(agg_state.glob("checkpoint*.cbor")):
         return None
@@ -456,10 +467,13 @@ def checkpointed_round(agg_state: Path) -> int | None:
         if not path.exists():
             continue
         try:
-            done = read_checkpoint(path).get("round")
+            saved = read_checkpoint(path)
         except (GrbflError, OSError):
             continue
-        return done if isinstance(done, int) else None
+        done, total = saved.get("round"), saved.get("rounds")
+        if not isinstance(done, int):
+            return None
+        return done, total if isinstance(total, int) else None
     return None
 
 
@@ -489,7 +503,36 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
     process failed it is kept for its logs, and the error says where it is.
     """
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="grbfl-sim-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GrbflError(f"--workdir {workdir}: cannot create: {exc}") from exc
+    with _workdir_lock(workdir):
+        return _run_in(opts, workdir)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold workdir for this run: a second simulate in it would resume the same run
+    beside the first and both would write its metrics."""
+    try:
+        handle = open(workdir / ".lock", "a")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise GrbflError(f"--workdir {workdir}: cannot write: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"--workdir {workdir} is in use by another grbfl simulate; wait for "
+                "it or pass another --workdir"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+def _run_in(opts: SimOptions, workdir: Path) -> dict[str, Any]:
     broker: PrivateBroker | None = None
     started = time.monotonic()
     progress = Progress(opts.rounds, opts.quiet)
@@ -500,14 +543,16 @@ def run_federation(opts: SimOptions) -> dict[str, Any]:
         if opts.broker:
             host, port = parse_broker(opts.broker)
         else:
-            broker = PrivateBroker(workdir / "broker").start()
+            # Assigned before it starts, so that Ctrl-C during the start stops it.
+            broker = PrivateBroker(workdir / "broker")
+            broker.start()
             host, port = broker.host, broker.port
             progress.say(f"private Mosquitto on {host}:{port}")
-        done = checkpointed_round(agg_state) if opts.workdir is not None else None
-        if done is not None:
+        found = checkpointed_round(agg_state) if opts.workdir is not None else None
+        if found is not None:
             progress.say(
                 f"resuming the unfinished run in {workdir} after round "
-                f"{done} of {opts.rounds}"
+                f"{found[0]} of {opts.rounds}"
             )
         fed, agg_state = prepare(opts, workdir, host, port)
         progress.say(
@@ -696,12 +741,29 @@ def check_options(opts: SimOptions) -> None:
         # An unfinished run there is resumed (an interrupted simulation goes on
         # where it stopped); a finished one would only print its old table again.
         agg_state = aggregator_state(opts.workdir)
-        done = checkpointed_round(agg_state)
-        if done is not None and done >= opts.rounds:
+        found = checkpointed_round(agg_state)
+        done, total = found if found is not None else (0, None)
+        fresh = (
+            f"pass a new --workdir, or remove {agg_state}/checkpoint*.cbor to start "
+            "a new run in it"
+        )
+        if found is not None and total is not None and total != opts.rounds:
+            # Its learning-rate schedule spans its own count of rounds.
+            if done >= total:
+                held = f"a finished run of {total} rounds"
+            else:
+                held = (
+                    f"a run of {total} rounds stopped after round {done} (rerun "
+                    f"with --rounds {total} to finish it)"
+                )
+            raise UsageError(
+                f"--workdir {opts.workdir} holds {held}, not --rounds "
+                f"{opts.rounds}; " + fresh
+            )
+        if found is not None and done >= opts.rounds:
             raise UsageError(
                 f"--workdir {opts.workdir} holds a finished run ({done} rounds); "
-                "pass a new --workdir, or remove "
-                f"{agg_state}/checkpoint*.cbor to start a new run in it"
+                + fresh
             )
     if opts.json_path is not None:
         if opts.json_path.is_dir():

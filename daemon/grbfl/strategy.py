@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 # epochs at scale 1.0, whose samples are mostly noise.
 PIXEL_SAMPLE_SCALE = 0.0
 
+# The aggregator trains on samples drawn from the merged balls with this batch,
+# whatever the participants' local batch (training.batch_size): the samples are
+# plentiful and the aggregator is not memory-bound like a Raspberry Pi.
+SERVER_BATCH_SIZE = 64
+
 # A participant claiming more samples than this is lying or broken; the cap keeps
 # one update from dominating (or overflowing) the weighted average.
 MAX_SAMPLES = 10**9
@@ -484,7 +489,7 @@ class ServerStrategy:
         epochs = int(self.settings["server_epochs"])
         settings = TrainSettings(
             epochs=epochs,
-            batch_size=int(self.settings["batch_size"]),
+            batch_size=SERVER_BATCH_SIZE,
             lr=float(self.settings["lr"]),
             augment=bool(self.settings.get("augment", True)),
             seed=self.seed + round_,
