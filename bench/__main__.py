@@ -113,28 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.show:
-        try:
-            figures = read_figures(args.out)
-        except OSError as exc:
-            print(f"python -m bench: cannot read {args.out}: {exc}", file=sys.stderr)
-            return 1
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
-            print(
-                f"python -m bench: {args.out} is not a results file of this bench "
-                f"({type(exc).__name__}: {exc})",
-                file=sys.stderr,
-            )
-            return 1
-        try:
-            show(figures, markdown_too=args.markdown)
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
-            print(
-                f"python -m bench: {args.out} holds a figure that cannot be shown "
-                f"({type(exc).__name__}: {exc})",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
+        return show_file(args.out, markdown_too=args.markdown)
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -177,6 +156,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{started['cores']} cores (load average {load:.1f} at the start); "
         f"written to {args.out}"
     )
+    return 0
+
+
+# What a results file of the wrong shape raises while it is read or printed.
+_SHAPE_ERRORS = (ValueError, LookupError, TypeError, AttributeError)
+
+
+def show_file(path: Path, *, markdown_too: bool) -> int:
+    """--show: print a results file again; 1, with the reason, if it cannot be."""
+    try:
+        show(read_figures(path), markdown_too=markdown_too)
+    except OSError as exc:
+        print(f"python -m bench: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    except _SHAPE_ERRORS as exc:
+        print(
+            f"python -m bench: {path} is not a results file of this bench "
+            f"({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
