@@ -9,7 +9,7 @@ import pytest
 
 from grbfl.broker import PrivateBroker
 from grbfl.config import BrokerConfig
-from grbfl.link import Link, backoff_delays
+from grbfl.link import Link, backoff_delays, cancel_and_wait
 
 pytestmark = pytest.mark.broker
 
@@ -62,3 +62,25 @@ def test_link_resubscribes_after_the_broker_restarts(tmp_path: Path) -> None:
     finally:
         broker.stop()
     assert received == [b"before", b"after"]
+
+
+def test_a_task_that_loses_a_cancel_is_cancelled_again() -> None:
+    """What asyncio.wait_for does to a cancel on Python 3.11 when the awaited reply
+    arrives in the same loop pass: the task goes on. cancel_and_wait still ends it,
+    where one cancel and an await would wait forever."""
+
+    async def loses_first_cancel() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # lost, as in the wait_for race
+        await asyncio.sleep(30)
+
+    async def scenario() -> asyncio.Task[None]:
+        task = asyncio.create_task(loses_first_cancel())
+        await asyncio.sleep(0)  # let it start
+        await asyncio.wait_for(cancel_and_wait({task}, retry_s=0.1), timeout=5)
+        return task
+
+    task = asyncio.run(scenario())
+    assert task.cancelled()

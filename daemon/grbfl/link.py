@@ -59,6 +59,9 @@ _SIZE_REFUSALS = (0x82, 0x95)
 # of under 1 ms on loopback). Small messages go out at once.
 _SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
+# How long cancel_and_wait gives cancelled tasks before cancelling them again.
+CANCEL_RETRY_S = 1.0
+
 # How long a cancelled connection attempt is given to finish, so that what it
 # opened can be closed; a TCP connect gives up after paho's 5 s anyway.
 _CONNECT_SETTLE_S = 5.0
@@ -93,6 +96,24 @@ class _Client(aiomqtt.Client):
                     )
             raise
         return self
+
+
+async def cancel_and_wait(
+    tasks: set[asyncio.Task[Any]], retry_s: float = CANCEL_RETRY_S
+) -> None:
+    """Cancel tasks and wait until each has ended, cancelling again as needed.
+
+    A task can lose a cancel: on Python 3.11, asyncio.wait_for, which aiomqtt uses
+    for every broker acknowledgement, drops one that arrives in the same loop pass
+    as the acknowledgement, and a task reading messages would then run on forever.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+    # Collect their outcomes so that none is reported as never retrieved.
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def backoff_delays(first: float = BACKOFF_FIRST_S, cap: float = BACKOFF_MAX_S):

@@ -15,7 +15,7 @@ from . import __version__
 from .config import Config
 from .errors import ConfigError, GrbflError
 from .health import HealthReader, HeatGuard
-from .link import Link
+from .link import Link, cancel_and_wait
 from .sdnotify import Notifier
 from .topics import Topics
 from .wire import encode_json
@@ -31,8 +31,6 @@ _GOODBYE_TIMEOUT_S = 5.0
 LOOP_STALL_S = 1.0
 # How often the lag monitor wakes: cheap, and fine enough to time a stall.
 _LAG_TICK_S = 0.25
-# How long shutdown waits for cancelled tasks before cancelling them again.
-_CANCEL_RETRY_S = 1.0
 
 
 class Node:
@@ -284,19 +282,10 @@ class Node:
             await self._cancel_background()
 
     async def _cancel_background(self) -> None:
-        """Cancel every background task and wait until each has ended.
-
-        A task can lose a cancel: on Python 3.11, asyncio.wait_for, which aiomqtt
-        uses for every broker acknowledgement, drops one that arrives in the same
-        loop pass as the acknowledgement, and the link would then read messages
-        forever. Tasks still running after a short wait are cancelled again.
-        """
-        pending = {task for name, task in self._tasks.items() if name != "main"}
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=_CANCEL_RETRY_S)
-        # Collect their outcomes so that none is reported as never retrieved.
+        """Cancel every background task and wait until each has ended."""
+        await cancel_and_wait(
+            {task for name, task in self._tasks.items() if name != "main"}
+        )
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def on_shutdown(self) -> None:

@@ -40,6 +40,7 @@ from .data import (
     partition,
 )
 from .errors import GrbflError, UsageError
+from .link import cancel_and_wait
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -419,9 +420,9 @@ async def supervise(fed: Federation, progress: Progress) -> None:
             progress.flush()
             await asyncio.sleep(0.5)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        # Cancelled while it subscribes, the watcher can lose the cancel (see
+        # cancel_and_wait) and would keep simulate waiting after Ctrl-C.
+        await cancel_and_wait({watcher})
 
 
 def read_metrics(agg_state: Path) -> list[dict[str, Any]]:
