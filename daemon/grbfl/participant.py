@@ -46,7 +46,7 @@ class Participant(Node):
         # One thread for the heavy work (training, embedding, clustering, encoding
         # the update): glibc gives each thread that allocates its own memory arena,
         # and memory freed by training in one thread was not reused by embedding in
-        # another. On one thread a ResNet-18 round peaked at 1.84 to 1.89 GiB of
+        # another. On one thread a ResNet-18 round peaked at 1.80 to 1.84 GiB of
         # resident memory instead of 2.1 GiB (`make bench`, figure 5).
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="grbfl-work")
         self.working_key: tuple[str, int, str] | None = None
