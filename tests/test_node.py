@@ -393,3 +393,62 @@ def test_missing_data_folder_exits_78_naming_file_and_key_for_both_roles(
             f"data.dir = '{missing}': no such folder"
         ) in text
         assert not [w for w in UNCLEAN_EXIT if w in text], text
+
+
+def _as_a_plain_user() -> list[str]:
+    """A command prefix under which file permissions apply: root drops the
+    capabilities that bypass them (setpriv, util-linux); others need nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to test as root"
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_data_folder_that_cannot_be_entered_exits_78_and_an_unreadable_class_is_named(
+    tmp_path: Path, digits_dirs: tuple[Path, Path]
+) -> None:
+    """A data.dir listed but not searchable (a `chmod -R 644`) is a configuration
+    error, exit 78 naming file and key; a class folder that cannot be read is
+    skipped with a warning naming it, not silently."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dirs[0], data)
+    classes = discover_classes(data)
+    conf = write_config(tmp_path / "p1.toml", "participant", "p1", 1, data)
+    data.chmod(0o666)
+    try:
+        done = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-m", "grbfl", "run"]
+            + ["--config", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        data.chmod(0o755)
+    assert done.returncode == 78, done.stderr
+    assert (
+        f"grbfl: configuration error: {conf}: data.dir = '{data}': cannot enter it"
+    ) in done.stderr
+
+    (data / classes[3]).chmod(0o000)
+    try:
+        listing = subprocess.run(
+            [*_as_a_plain_user(), sys.executable, "-c"]
+            + [
+                "import logging, sys; logging.basicConfig(); "
+                "from grbfl.data import list_images; "
+                "print(len(list_images(sys.argv[1], sys.argv[2].split(','))))",
+                str(data),
+                ",".join(classes),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        (data / classes[3]).chmod(0o755)
+    assert listing.returncode == 0, listing.stderr
+    assert f"skipping folder {data / classes[3]}: Permission denied" in listing.stderr
+    total = sum(1 for p in data.rglob("*.png"))
+    assert 0 < int(listing.stdout) < total
