@@ -315,6 +315,23 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
+def bytes_figure(
+    name: str, counted: int, payload: int, parts: int, what: str
+) -> Figure:
+    """Bytes on the wire for one message against the bytes of its arrays."""
+    return Figure(
+        GROUP,
+        name,
+        counted / 1e6,
+        "MB",
+        payload / 1e6,
+        "array bytes",
+        GOAL_OVERHEAD,
+        note=f"{parts} chunks; {what}",
+        detail={"wire_bytes": counted, "payload_bytes": payload, "parts": parts},
+    )
+
+
 async def measure(ctx: Context, broker: PrivateBroker) -> list[Figure]:
     # The timed transfers get topics of their own: the counted model stays
     # retained on the first ones and would reach the receiver as it subscribes.
@@ -327,16 +344,12 @@ async def measure(ctx: Context, broker: PrivateBroker) -> list[Figure]:
     ctx.say(f"wire: bytes of a {model} model ({payload / 1e6:.1f} MB of arrays)")
     counted, parts = await wire_bytes(broker, topics, message, model=True)
     figures.append(
-        Figure(
-            GROUP,
+        bytes_figure(
             f"{model} model on the wire",
-            counted / 1e6,
-            "MB",
-            payload / 1e6,
-            "array bytes",
-            GOAL_OVERHEAD,
-            note=f"{parts} chunks; MQTT bytes both ways (PUBLISH, PUBACK)",
-            detail={"wire_bytes": counted, "payload_bytes": payload, "parts": parts},
+            counted,
+            payload,
+            parts,
+            "MQTT bytes both ways (PUBLISH, PUBACK)",
         )
     )
     balls = ctx.pick(full=100, quick=100, tiny=20)
@@ -344,16 +357,12 @@ async def measure(ctx: Context, broker: PrivateBroker) -> list[Figure]:
     ctx.say(f"wire: bytes of an update of {balls} balls of 512 dims")
     counted, parts = await wire_bytes(broker, topics, update, model=False)
     figures.append(
-        Figure(
-            GROUP,
+        bytes_figure(
             f"ball update, {balls} x 512 dims",
-            counted / 1e6,
-            "MB",
-            payload / 1e6,
-            "array bytes",
-            GOAL_OVERHEAD,
-            note=f"{parts} chunks; with the ball report and round fields",
-            detail={"wire_bytes": counted, "payload_bytes": payload, "parts": parts},
+            counted,
+            payload,
+            parts,
+            "with the ball report and round fields",
         )
     )
 

@@ -1145,8 +1145,7 @@ def _cell_centres(points: np.ndarray) -> np.ndarray:
     for _ in range(_CELL_STEPS):
         nearest = _squared_distances(points, centres).argmin(axis=1)
         counts = np.bincount(nearest, minlength=cells)
-        sums = np.zeros_like(centres)
-        np.add.at(sums, nearest, points)
+        sums = _cluster_sums(points, nearest, cells)
         filled = counts > 0
         centres[filled] = sums[filled] / counts[filled, None]
     return centres

@@ -517,10 +517,10 @@ def _workdir_lock(workdir: Path) -> Iterator[None]:
     """Hold workdir for this run: a second simulate in it would resume the same run
     beside the first and both would write its metrics."""
     try:
-        handle = open(workdir / ".lock", "a")  # noqa: SIM115 - closed below
+        handle = open(workdir / ".lock", "a")  # noqa: SIM115 - closed by with
     except OSError as exc:
         raise GrbflError(f"--workdir {workdir}: cannot write: {exc}") from exc
-    try:
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -529,8 +529,6 @@ def _workdir_lock(workdir: Path) -> Iterator[None]:
                 "it or pass another --workdir"
             ) from None
         yield
-    finally:
-        handle.close()
 
 
 def _run_in(opts: SimOptions, workdir: Path) -> dict[str, Any]:
@@ -742,13 +740,13 @@ def check_options(opts: SimOptions) -> None:
         # An unfinished run there is resumed (an interrupted simulation goes on
         # where it stopped); a finished one would only print its old table again.
         agg_state = aggregator_state(opts.workdir)
-        found = checkpointed_round(agg_state)
-        done, total = found if found is not None else (0, None)
+        # (0, None) without a checkpoint: nothing to refuse.
+        done, total = checkpointed_round(agg_state) or (0, None)
         fresh = (
             f"pass a new --workdir, or remove {agg_state}/checkpoint*.cbor to start "
             "a new run in it"
         )
-        if found is not None and total is not None and total != opts.rounds:
+        if total is not None and total != opts.rounds:
             # Its learning-rate schedule spans its own count of rounds.
             if done >= total:
                 held = f"a finished run of {total} rounds"
@@ -761,7 +759,7 @@ def check_options(opts: SimOptions) -> None:
                 f"--workdir {opts.workdir} holds {held}, not --rounds "
                 f"{opts.rounds}; " + fresh
             )
-        if found is not None and done >= opts.rounds:
+        if done >= opts.rounds:
             raise UsageError(
                 f"--workdir {opts.workdir} holds a finished run ({done} rounds); "
                 + fresh
