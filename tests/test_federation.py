@@ -23,6 +23,7 @@ from grbfl.broker import PrivateBroker
 from grbfl.config import config_from_dict
 from grbfl.data import discover_classes, load_image_folder
 from grbfl.errors import GrbflError, UsageError
+from grbfl.shapes import SHAPE_MIN_MEMBERS
 from grbfl.simulate import (
     FEDERATION,
     SETTLE_S,
@@ -279,6 +280,9 @@ def test_grbfl_keeps_the_classifier_head_on_the_participants(
             if body["phase"] == "embed":
                 assert "weights" not in body
                 assert body["balls"]["sizes"].min() >= opts.min_size
+                # Shapes only of classes with enough members to hide any one.
+                counts = body["shapes"]["counts"]
+                assert (counts >= SHAPE_MIN_MEMBERS).all(), (node, counts)
 
 
 # --- `grbfl simulate` as a user runs it ---------------------------------------------

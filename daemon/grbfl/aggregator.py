@@ -137,6 +137,7 @@ class Aggregator(Node):
             "n_clusters": cfg.strategy.n_clusters,
             "variance_threshold": cfg.strategy.variance_threshold,
             "embedding_variance_threshold": cfg.strategy.embedding_variance_threshold,
+            "shape_rank": cfg.strategy.shape_rank,
             "min_size": cfg.strategy.min_size,
             "server_samples": cfg.strategy.server_samples,
             "server_epochs": cfg.strategy.server_epochs,

@@ -71,7 +71,8 @@ Sampling (aggregator)
 ---------------------
 Synthetic points are drawn class-balanced, then in proportion to ball size within a
 class, from a Gaussian with the ball's per-dimension variance, pulled back inside the
-ball's radius and optionally clipped.
+ball's radius and optionally clipped. Embedding balls come with class shapes
+(``shapes`` module) that correlate the dimensions of a class's samples.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from grbfl.errors import DataError, WireError
+from grbfl.shapes import ClassShapes
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +408,14 @@ def find_balls(
     their members; those must never be shared. Split from ``select_balls`` so that a
     sweep over variance thresholds clusters only once.
     """
+    found, exposes_sample, _ = find_ball_members(x, y, num_classes, settings)
+    return found, exposes_sample
+
+
+def find_ball_members(
+    x: np.ndarray, y: np.ndarray, num_classes: int, settings: BallSettings
+) -> tuple[BallSet, BoolArray, IntArray]:
+    """``find_balls``, plus the ball (a row of the returned set) of every sample."""
     started = time.perf_counter()
     x, y = _check_samples(x, y, num_classes)
     counts = np.bincount(y, minlength=num_classes)
@@ -414,8 +424,11 @@ def find_balls(
     # Cluster class by class; each class has its own seed derived from the settings.
     parts: list[BallSet] = []
     exposes: list[BoolArray] = []
+    member_ball = np.full(y.shape[0], -1, np.int64)
+    offset = 0
     for label in np.flatnonzero(wanted):
-        members = x[y == label]
+        rows = np.flatnonzero(y == label)
+        members = x[rows]
         seed = int(
             np.random.SeedSequence([settings.seed, int(label)]).generate_state(1)[0]
         )
@@ -423,6 +436,11 @@ def find_balls(
         balls, exposed = _ball_stats(members, assignment, int(label))
         parts.append(balls)
         exposes.append(exposed)
+
+        # _ball_stats numbers the non-empty clusters in order of their ids.
+        used = np.bincount(assignment) > 0
+        member_ball[rows] = offset + (np.cumsum(used) - 1)[assignment]
+        offset += len(balls)
     found = BallSet.concat(parts) if parts else BallSet.empty(x.shape[1])
     exposes_sample = np.concatenate(exposes) if exposes else np.zeros(0, np.bool_)
 
@@ -445,7 +463,7 @@ def find_balls(
             len(sizes),
             100.0 * np.sort(sizes)[::-1][:top].sum() / sizes.sum(),
         )
-    return found, exposes_sample
+    return found, exposes_sample, member_ball
 
 
 def select_balls(
@@ -456,12 +474,7 @@ def select_balls(
     exposes_sample: BoolArray | None = None,
 ) -> tuple[BallSet, BallReport]:
     """Keep the balls that may be shared and report on the whole set."""
-    keep = (found.sizes >= settings.min_size) & (
-        found.variances.mean(axis=1, dtype=np.float64) > settings.variance_threshold
-    )
-    if exposes_sample is not None:
-        keep &= ~exposes_sample
-    kept = found.subset(keep)
+    kept = found.subset(shareable(found, settings, exposes_sample))
 
     sizes = found.sizes
     per_found = np.bincount(found.labels, minlength=num_classes)
@@ -480,6 +493,18 @@ def select_balls(
         too_small=int((sizes < settings.min_size).sum()),
     )
     return kept, report
+
+
+def shareable(
+    found: BallSet, settings: BallSettings, exposes_sample: BoolArray | None = None
+) -> BoolArray:
+    """Which balls may leave the device: large and spread enough, no member shown."""
+    keep = (found.sizes >= settings.min_size) & (
+        found.variances.mean(axis=1, dtype=np.float64) > settings.variance_threshold
+    )
+    if exposes_sample is not None:
+        keep &= ~exposes_sample
+    return keep
 
 
 def class_ball_counts(counts: np.ndarray, settings: BallSettings) -> IntArray:
@@ -592,6 +617,7 @@ def sample_balls(
     clip: tuple[float, float] | None = None,
     scale: float = 1.0,
     balanced: bool = True,
+    shapes: ClassShapes | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``n`` synthetic points and their labels from the balls.
 
@@ -609,6 +635,10 @@ def sample_balls(
     outside the radius, then clipped to ``clip``. Clipping cannot push a point out of
     the ball when the centre lies inside the clip range, as it does for balls of
     clipped data.
+
+    With ``shapes``, a point of a class that has one moves along the class's
+    directions together (``shapes`` module), and on each dimension by whatever of the
+    ball's own variance those directions leave unexplained.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -638,11 +668,28 @@ def sample_balls(
 
     # Draw in chunks to keep temporaries at chunk x dims.
     out = np.empty((n, dim), np.float32)
-    std = np.sqrt(balls.variances) * np.float32(scale)
+    variances = balls.variances
+    shaped: list[tuple[int, FloatArray]] = []
+    if shapes is not None and len(shapes):
+        if shapes.axes.shape[2] != dim:
+            raise ValueError(f"shapes have {shapes.axes.shape[2]} dims, balls {dim}")
+        variances = variances.copy()
+        explained = shapes.variances()
+        for label, axes, covered in zip(
+            shapes.labels, shapes.axes, explained, strict=True
+        ):
+            of_class = balls.labels == label
+            variances[of_class] = np.maximum(variances[of_class] - covered, 0.0)
+            shaped.append((int(label), axes * np.float32(scale)))
+    std = np.sqrt(variances) * np.float32(scale)
     for start in range(0, n, _SAMPLE_CHUNK):
         rows = pick[start : start + _SAMPLE_CHUNK]
         noise = rng.standard_normal((rows.shape[0], dim), dtype=np.float32)
         noise *= std[rows]
+        for label, axes in shaped:
+            along = np.flatnonzero(balls.labels[rows] == label)
+            coords = rng.standard_normal((along.shape[0], axes.shape[0]), np.float32)
+            noise[along] += coords @ axes
         length = np.linalg.norm(noise, axis=1)
         limit = balls.radii[rows]
         outside = length > limit

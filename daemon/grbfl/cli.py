@@ -114,6 +114,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         variance_threshold=args.variance_threshold,
         min_size=args.min_size,
         embedding_variance_threshold=args.embedding_variance_threshold,
+        shape_rank=args.shape_rank,
         server_samples=args.server_samples,
         server_epochs=args.server_epochs,
         deadline_s=args.deadline,
@@ -270,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=StrategyConfig.embedding_variance_threshold,
         help="grbfl: share an embedding ball only above this fraction of a "
         "class's spread (default 0)",
+    )
+    sim.add_argument(
+        "--shape-rank",
+        type=int,
+        default=StrategyConfig.shape_rank,
+        help="grbfl: directions per class sent as its shape, 0 for none (default 16)",
     )
     sim.add_argument(
         "--server-samples",

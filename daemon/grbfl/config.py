@@ -106,6 +106,9 @@ class StrategyConfig:
     # Embeddings have no fixed scale, so this is relative; 0 keeps every ball of
     # at least min_size members, which measured best (README, results).
     embedding_variance_threshold: float = 0.0
+    # grbfl's class shapes: directions per class along which embeddings stray
+    # together (shapes.py); 0 sends none, for balls alone.
+    shape_rank: int = 16
     # Synthetic samples the aggregator draws from the merged balls per epoch.
     server_samples: int = 20_000
     server_epochs: int = 5
@@ -172,6 +175,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "strategy.n_clusters": (1, 1_000_000),
     "strategy.variance_threshold": (0.0, None),
     "strategy.embedding_variance_threshold": (0.0, 10.0),
+    "strategy.shape_rank": (0, 64),  # shapes.MAX_SHAPE_RANK
     "strategy.min_size": (1, 1_000_000),
     "strategy.server_samples": (10, 10_000_000),
     "strategy.server_epochs": (1, 1000),

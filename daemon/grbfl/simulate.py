@@ -82,6 +82,7 @@ class SimOptions:
     variance_threshold: float = StrategyConfig.variance_threshold
     min_size: int = StrategyConfig.min_size
     embedding_variance_threshold: float = StrategyConfig.embedding_variance_threshold
+    shape_rank: int = StrategyConfig.shape_rank
     server_samples: int = StrategyConfig.server_samples
     server_epochs: int = StrategyConfig.server_epochs
     deadline_s: float = 1800.0
@@ -127,6 +128,7 @@ def ball_options(opts: SimOptions) -> dict[str, Any]:
         "variance_threshold": opts.variance_threshold,
         "min_size": opts.min_size,
         "embedding_variance_threshold": opts.embedding_variance_threshold,
+        "shape_rank": opts.shape_rank,
         "server_samples": opts.server_samples,
         "server_epochs": opts.server_epochs,
     }
@@ -613,6 +615,7 @@ def summarise(
             "share_kept",
             "balls_after_merge",
             "ball_bytes",
+            "shape_bytes",
             "merge_s",
             "n_participants",
         ):

@@ -34,11 +34,21 @@ from .balls import (
     BallSettings,
     ball_bytes,
     build_balls,
+    find_ball_members,
     merge_balls,
     sample_balls,
+    select_balls,
+    shareable,
 )
 from .errors import WireError
 from .models import MODEL_NAMES, GrbflNet, build_model, head_keys
+from .shapes import (
+    MAX_SHAPE_RANK,
+    SHAPE_RANK,
+    ClassShapes,
+    class_shapes,
+    pool_shapes,
+)
 from .training import Evaluation, TrainSettings, assess, embed, train, train_head
 from .weights import load_numpy_state, state_to_numpy
 
@@ -183,6 +193,18 @@ def embedding_ball_settings(
     return replace(settings, variance_threshold=float(fraction) * spread)
 
 
+def shape_rank(settings: dict[str, Any]) -> int:
+    """Directions per class in grbfl's class shapes; 0 sends none."""
+    rank = settings.get("shape_rank", SHAPE_RANK)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise WireError(f"run message: settings.shape_rank = {rank!r} is not an int")
+    if not 0 <= rank <= MAX_SHAPE_RANK:
+        raise WireError(
+            f"run message: settings.shape_rank = {rank} is not in 0..{MAX_SHAPE_RANK}"
+        )
+    return rank
+
+
 def ball_settings(settings: dict[str, Any], seed: int = 0) -> BallSettings:
     return BallSettings(
         n_clusters=int(settings["n_clusters"]),
@@ -258,14 +280,22 @@ def participant_work(
         feats = embed(model, data.x)
         timings["embed_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        _, kept, embed_report = build_balls(
-            feats,
-            data.y,
-            data.num_classes,
-            embedding_ball_settings(order, feats, data.y),
+        rules = embedding_ball_settings(order, feats, data.y)
+        found, exposes, member_ball = find_ball_members(
+            feats, data.y, data.num_classes, rules
         )
-        timings["cluster_s"] = time.perf_counter() - start
+        shared = shareable(found, rules, exposes)
+        kept, embed_report = select_balls(
+            found, data.num_classes, rules, exposes_sample=exposes
+        )
         body["balls"] = kept.to_arrays()
+        rank = shape_rank(order.settings)
+        if rank:
+            shapes = class_shapes(
+                feats, data.y, found.centers, member_ball, shared, rank=rank
+            )
+            body["shapes"] = shapes.to_arrays()
+        timings["cluster_s"] = time.perf_counter() - start
         body["ball_report"] = embed_report.as_dict()
         return body
 
@@ -337,6 +367,7 @@ class Contribution:
     nbytes: int
     weights: dict[str, np.ndarray] | None = None
     balls: BallSet | None = None
+    shapes: ClassShapes | None = None
     ball_report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -428,6 +459,20 @@ class ServerStrategy:
             if len(balls) and int(balls.sizes.min()) < min_size:
                 raise WireError(f"{where}: a ball has fewer than {min_size} members")
             contribution.balls = balls
+            rank = shape_rank(self.settings) if phase == "embed" else 0
+            if rank and "shapes" in body:
+                contribution.shapes = ClassShapes.from_arrays(
+                    body["shapes"],
+                    dim=self.ball_dim(phase),
+                    num_classes=self.num_classes,
+                    max_count=samples,
+                    max_rank=rank,
+                )
+            elif "shapes" in body:
+                raise WireError(
+                    f"{where}: phase {phase} carries no shapes"
+                    + (" (shape_rank is 0)" if phase == "embed" else "")
+                )
             report = body.get("ball_report", {})
             contribution.ball_report = report if isinstance(report, dict) else {}
         return contribution
@@ -457,6 +502,7 @@ class ServerStrategy:
             merged_pairs=int(stats.merged_pairs),
             merge_unverified=int(stats.unverified),
             ball_bytes=int(sum(ball_bytes(p.balls) for p in parts if p.balls)),
+            shape_bytes=int(sum(p.shapes.nbytes for p in parts if p.shapes)),
         )
         found = sum(int(p.ball_report.get("found", 0)) for p in parts)
         kept = sum(int(p.ball_report.get("kept", 0)) for p in parts)
@@ -497,7 +543,13 @@ class ServerStrategy:
         if phase == "embed":
             # Both models end in ReLU and pooling: embeddings are never negative,
             # so samples below zero would teach the head about impossible inputs.
-            feats, labels = sample_balls(merged, n, rng, clip=(0.0, float("inf")))
+            shapes = pool_shapes(
+                [p.shapes for p in parts if p.shapes is not None],
+                rank=shape_rank(self.settings),
+            )
+            feats, labels = sample_balls(
+                merged, n, rng, clip=(0.0, float("inf")), shapes=shapes
+            )
             train_head(self.model, feats, labels, settings)
         else:
             flat, labels = sample_balls(
