@@ -5,8 +5,9 @@ wire figures time the decoding), and go through the aggregator's own strategy co
 ``ServerStrategy.validate`` for every update, then ``ServerStrategy.apply``.
 
 * Ball updates are grbfl's embedding balls of a ResNet-18 (512 dimensions), shaped
-  like real ones (``bench_merge.synthetic_balls``). ``apply`` merges them and then
-  trains the head on samples of the merged balls; the bench asks for the fewest
+  like real ones (``bench_merge.synthetic_balls``), each with class shapes of the
+  default rank. ``apply`` merges the balls, pools the shapes and then trains the
+  head on samples of the merged balls; the bench asks for the fewest
   samples the config allows, so the time is the merge's. Baseline: the naive
   candidate search, all same-class pairwise distances and each ball's nearest ball
   of another owner, which is what a merge without pruning would start with.
@@ -27,6 +28,7 @@ from bench.context import Context
 from bench.report import Figure, Goal, best_of
 from grbfl.balls import BallSet, BallSettings, select_balls
 from grbfl.models import build_model
+from grbfl.shapes import SHAPE_RANK, ClassShapes
 from grbfl.strategy import Contribution, ServerStrategy
 from grbfl.weights import state_to_numpy
 
@@ -60,9 +62,11 @@ def _settings() -> dict[str, Any]:
 
 
 def ball_bodies(balls: BallSet) -> list[dict[str, Any]]:
-    """One decoded embed-phase update body per owner of the synthetic balls."""
+    """One decoded embed-phase update body per owner of the synthetic balls, with
+    class shapes of the default rank that fit those balls."""
     bodies = []
     settings = BallSettings()
+    rng = np.random.default_rng(1)
     for owner in np.unique(balls.owners):
         own = balls.subset(balls.owners == owner)
         _, report = select_balls(own, 10, settings)
@@ -71,10 +75,30 @@ def ball_bodies(balls: BallSet) -> list[dict[str, Any]]:
                 "samples": int(own.sizes.sum()),
                 "timings": {"embed_s": 1.0, "cluster_s": 1.0},
                 "balls": {k: v.copy() for k, v in own.to_arrays().items()},
+                "shapes": synthetic_shapes(own, rng).to_arrays(),
                 "ball_report": report.as_dict(),
             }
         )
     return bodies
+
+
+def synthetic_shapes(balls: BallSet, rng: np.random.Generator) -> ClassShapes:
+    """Shapes of rank SHAPE_RANK whose directions explain half of each class's
+    pooled ball variance, as check_fits_balls allows."""
+    labels = np.unique(balls.labels)
+    counts, axes = [], []
+    for label in labels:
+        mine = balls.labels == label
+        sizes = balls.sizes[mine]
+        pooled = (sizes[:, None] * balls.variances[mine]).sum(axis=0) / sizes.sum()
+        signs = rng.choice([-1.0, 1.0], size=(SHAPE_RANK, balls.dim))
+        axes.append(signs * np.sqrt(pooled / (2 * SHAPE_RANK)))
+        counts.append(int(sizes.sum()))
+    return ClassShapes(
+        labels.astype(np.int64),
+        np.asarray(counts, np.int64),
+        np.asarray(axes, np.float32).reshape(len(labels), SHAPE_RANK, balls.dim),
+    )
 
 
 def aggregate(
@@ -136,7 +160,7 @@ def _ball_figures(ctx: Context) -> list[Figure]:
                 baseline,
                 "all-pairs distances",
                 goal,
-                note=f"best of {repeats}; validate + merge + head on "
+                note=f"best of {repeats}; validate + merge + pool shapes + head on "
                 f"{_SERVER_SAMPLES} samples",
                 detail={
                     "balls_sent": info["balls_sent"],

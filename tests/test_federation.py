@@ -400,6 +400,14 @@ def test_workdir_with_a_finished_run_is_refused_and_an_unfinished_one_resumed(
         check_options(SimOptions(workdir=workdir, rounds=5))
 
 
+@pytest.mark.parametrize("rank", [-1, 65])
+def test_shape_rank_outside_its_range_is_refused_before_anything_starts(
+    rank: int,
+) -> None:
+    with pytest.raises(GrbflError, match=f"--shape-rank {rank}: must be 0"):
+        check_options(SimOptions(shape_rank=rank))
+
+
 def test_one_workdir_holds_one_simulation_at_a_time(tmp_path: Path) -> None:
     """A second simulate in a --workdir in use is refused; the folder is free
     again once the first has ended."""

@@ -224,6 +224,47 @@ def test_embed_update_carries_shapes_that_the_aggregator_takes_and_counts(
         server.validate("embed", "p1", {**received, "samples": 100}, 0, 0)
 
 
+def test_shapes_that_their_balls_could_not_have_produced_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A shape's count must be its class's shared members, and its directions may
+    explain no more spread than those balls hold: a participant cannot weigh its
+    shape above others' or throw its class's samples to the balls' edges."""
+    rng = np.random.default_rng(9)
+    y = np.repeat([0, 1], 200)
+    x = rng.random((400, 3, 32, 32), dtype=np.float32)
+    settings = {"n_clusters": 8, "variance_threshold": 0.0, "min_size": 5}
+    server = ServerStrategy("grbfl", "cnn", 2, settings)
+    order = strategy.Order(
+        "run", 1, "embed", 0, "a1", 0.0, "grbfl", settings, None, "cnn", ("a", "b")
+    )
+    body = strategy.participant_work(
+        order,
+        server.global_state(),
+        strategy.LocalData(x, y, 2),
+        "p1",
+        tmp_path,
+        threading.Event(),
+    )
+    shapes = body["shapes"]
+    server.validate("embed", "p1", body, 0, 0)  # as sent: taken
+
+    inflated = {**shapes, "counts": shapes["counts"] * 3}
+    with pytest.raises(
+        WireError, match="says 600 members for class 0, its balls hold 200"
+    ):
+        server.validate(
+            "embed", "p1", {**body, "shapes": inflated, "samples": 1200}, 0, 0
+        )
+    stretched = {**shapes, "axes": shapes["axes"] * np.float32(10)}
+    with pytest.raises(WireError, match="spreads further than its balls' variances"):
+        server.validate("embed", "p1", {**body, "shapes": stretched}, 0, 0)
+    with pytest.raises(WireError, match="phase train carries no shapes"):
+        weights = {k: v.copy() for k, v in server.expected_weights("train").items()}
+        train_body = {"samples": 400, "weights": weights, "shapes": shapes}
+        server.validate("train", "p1", train_body, 0, 0)
+
+
 def test_pooling_many_participants_finds_the_exact_leading_directions() -> None:
     """Fifty participants, each with the top 16 directions of its own sample of one
     class, stack more rows than one exact SVD is taken for; the pooled directions

@@ -54,6 +54,10 @@ _WIRE_FIELDS = ("labels", "counts", "axes")
 # iterations, which recovers leading directions to float precision when the
 # spectrum falls off as embedding spectra do.
 _EXACT_ROWS = 4
+
+# Slack when checking a shape's variance against its balls': float32 rounding of
+# the centres and the variances, far below any lie that matters.
+_VARIANCE_SLACK = 1e-3
 _OVERSAMPLE = 8
 _POWER_STEPS = 2
 
@@ -113,7 +117,7 @@ class ClassShapes:
                 f"shapes fields disagree: {count} labels, {counts.shape[0]} counts, "
                 f"{axes.shape[0]} axes"
             )
-        if count and not 1 <= axes.shape[1] <= max_rank:
+        if not 1 <= axes.shape[1] <= max_rank:
             raise WireError(
                 f"shapes field 'axes' has rank {axes.shape[1]}, expected 1..{max_rank}"
             )
@@ -138,6 +142,45 @@ class ClassShapes:
         if not np.isfinite(converted).all() or not np.isfinite(squares).all():
             raise WireError("shapes field 'axes' holds NaN or infinite values")
         return cls(labels.astype(np.int64), counts.astype(np.int64), converted)
+
+
+def check_fits_balls(
+    shapes: ClassShapes,
+    labels: np.ndarray,
+    sizes: np.ndarray,
+    variances: np.ndarray,
+) -> None:
+    """Refuse shapes that the same update's balls could not have produced.
+
+    A class's shape is measured on exactly the members of its shared balls, so its
+    count is their summed size; and its directions are the top of the covariance of
+    the members' deviations from their ball centres, whose diagonal is the
+    size-weighted mean of those balls' variances, so on no dimension can they
+    explain more than that. A count that lied would weigh a participant's shape
+    above others' in the pool; axes that lied would throw the samples of its class
+    to the edges of their balls.
+    """
+    for label, count, covered in zip(
+        shapes.labels, shapes.counts, shapes.variances(), strict=True
+    ):
+        mine = labels == label
+        members = int(sizes[mine].sum())
+        if members != int(count):
+            raise WireError(
+                f"shapes field 'counts' says {int(count)} members for class "
+                f"{int(label)}, its balls hold {members}"
+            )
+        pooled = (sizes[mine, None] * variances[mine].astype(np.float64)).sum(
+            axis=0
+        ) / max(members, 1)
+        limit = pooled * (1 + _VARIANCE_SLACK) + _VARIANCE_SLACK * float(
+            pooled.max(initial=0.0)
+        )
+        if (covered > limit).any():
+            raise WireError(
+                f"shapes field 'axes' of class {int(label)} spreads further than "
+                "its balls' variances allow"
+            )
 
 
 def class_shapes(

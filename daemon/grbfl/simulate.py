@@ -41,6 +41,7 @@ from .data import (
 )
 from .errors import GrbflError, UsageError
 from .link import cancel_and_wait
+from .shapes import MAX_SHAPE_RANK
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -733,6 +734,10 @@ def check_options(opts: SimOptions) -> None:
     ):
         if count < 1:
             raise GrbflError(f"{flag} {count}: must be at least 1")
+    if not 0 <= opts.shape_rank <= MAX_SHAPE_RANK:
+        raise GrbflError(
+            f"--shape-rank {opts.shape_rank}: must be 0 (no shapes) to {MAX_SHAPE_RANK}"
+        )
     try:
         parse_partition_scheme(opts.partition)
     except ValueError as exc:

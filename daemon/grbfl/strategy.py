@@ -46,6 +46,7 @@ from .shapes import (
     MAX_SHAPE_RANK,
     SHAPE_RANK,
     ClassShapes,
+    check_fits_balls,
     class_shapes,
     pool_shapes,
 )
@@ -442,6 +443,8 @@ class ServerStrategy:
             )
         elif "weights" in body:
             raise WireError(f"{where}: phase {phase} carries no weights")
+        if phase == "train" and "shapes" in body:
+            raise WireError(f"{where}: phase train carries no shapes")
 
         if phase in ("embed", "balls"):
             arrays = wire.require(body, "balls", dict, where)
@@ -461,13 +464,15 @@ class ServerStrategy:
             contribution.balls = balls
             rank = shape_rank(self.settings) if phase == "embed" else 0
             if rank and "shapes" in body:
-                contribution.shapes = ClassShapes.from_arrays(
+                shapes = ClassShapes.from_arrays(
                     body["shapes"],
                     dim=self.ball_dim(phase),
                     num_classes=self.num_classes,
                     max_count=samples,
                     max_rank=rank,
                 )
+                check_fits_balls(shapes, balls.labels, balls.sizes, balls.variances)
+                contribution.shapes = shapes
             elif "shapes" in body:
                 raise WireError(
                     f"{where}: phase {phase} carries no shapes"
