@@ -98,6 +98,7 @@ def main() -> None:
         args.data / "test", CIFAR10_CLASSES, cache_dir=DEFAULT_CACHE / "images"
     )
     feats, labels = embed(model, train_set.as_float()), train_set.labels
+    print(f"share of embedding values that are exactly zero: {(feats == 0).mean():.3f}")
     test_feats = embed(model, test_set.as_float())
     real = head_accuracy(model, feats, labels, test_feats, test_set.labels)
     print(f"head on the real embeddings: {real:.4f}")

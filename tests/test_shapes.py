@@ -256,6 +256,9 @@ def test_shapes_that_their_balls_could_not_have_produced_are_refused(
         server.validate(
             "embed", "p1", {**body, "shapes": inflated, "samples": 1200}, 0, 0
         )
+    first_class = {k: v[body["balls"]["labels"] == 0] for k, v in body["balls"].items()}
+    with pytest.raises(WireError, match="for class 1, its balls hold 0"):
+        server.validate("embed", "p1", {**body, "balls": first_class}, 0, 0)
     stretched = {**shapes, "axes": shapes["axes"] * np.float32(10)}
     with pytest.raises(WireError, match="spreads further than its balls' variances"):
         server.validate("embed", "p1", {**body, "shapes": stretched}, 0, 0)

@@ -641,8 +641,9 @@ def sample_balls(
     dimension by whatever of the ball's own variance those directions leave
     unexplained. A ball tighter than its class's shape therefore spreads like its
     class, up to its radius: the shape is measured over all of the class's balls,
-    and scaling it down to each ball's variance trained worse heads (0.7468 against
-    0.7583, one development run on the setting the ``shapes`` module describes).
+    and scaling it down to each ball's variance trained a worse head in a
+    development run (0.7468 against 0.7583 unscaled, on the setting the ``shapes``
+    module describes).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
