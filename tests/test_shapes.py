@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -173,6 +174,23 @@ def test_shapes_survive_the_wire_and_bad_ones_are_refused_by_name() -> None:
     assert "missing" in refused(axes=[[1.0]])
 
 
+def _embed_update(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    state: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+) -> dict[str, Any]:
+    """The update body of participant p1's embed phase on images x, labels y."""
+    order = strategy.Order(
+        "run", 1, "embed", 0, "a1", 0.0, "grbfl", settings, None, "cnn", ("a", "b")
+    )
+    data = strategy.LocalData(x, y, 2)
+    return strategy.participant_work(
+        order, state, data, "p1", tmp_path, threading.Event()
+    )
+
+
 def test_embed_update_carries_shapes_that_the_aggregator_takes_and_counts(
     tmp_path: Path,
 ) -> None:
@@ -194,18 +212,8 @@ def test_embed_update_carries_shapes_that_the_aggregator_takes_and_counts(
         "lr": 0.01,
     }
     server = ServerStrategy("grbfl", "cnn", 2, settings)
-    order = strategy.Order(
-        "run", 1, "embed", 0, "a1", 0.0, "grbfl", settings, None, "cnn", ("a", "b")
-    )
 
-    body = strategy.participant_work(
-        order,
-        server.global_state(),
-        strategy.LocalData(x, y, 2),
-        "p1",
-        tmp_path,
-        threading.Event(),
-    )
+    body = _embed_update(tmp_path, settings, server.global_state(), x, y)
     received = wire.decode_cbor(wire.encode_cbor(body), limit=1 << 30)
     part = server.validate("embed", "p1", received, 0, 0)
     head_before = server.global_state()["head.weight"].copy()
@@ -235,17 +243,7 @@ def test_shapes_that_their_balls_could_not_have_produced_are_refused(
     x = rng.random((400, 3, 32, 32), dtype=np.float32)
     settings = {"n_clusters": 8, "variance_threshold": 0.0, "min_size": 5}
     server = ServerStrategy("grbfl", "cnn", 2, settings)
-    order = strategy.Order(
-        "run", 1, "embed", 0, "a1", 0.0, "grbfl", settings, None, "cnn", ("a", "b")
-    )
-    body = strategy.participant_work(
-        order,
-        server.global_state(),
-        strategy.LocalData(x, y, 2),
-        "p1",
-        tmp_path,
-        threading.Event(),
-    )
+    body = _embed_update(tmp_path, settings, server.global_state(), x, y)
     shapes = body["shapes"]
     server.validate("embed", "p1", body, 0, 0)  # as sent: taken
 
@@ -297,12 +295,6 @@ def test_pooling_many_participants_finds_the_exact_leading_directions() -> None:
     assert np.allclose(pooled.T @ pooled, exact.T @ exact, atol=1e-6)
 
 
-def _embed_order(settings: dict[str, object]) -> strategy.Order:
-    return strategy.Order(
-        "run", 1, "embed", 0, "a1", 0.0, "grbfl", settings, None, "cnn", ("a", "b")
-    )
-
-
 def test_shape_rank_sets_what_is_sent_and_what_the_aggregator_takes(
     tmp_path: Path,
 ) -> None:
@@ -314,13 +306,9 @@ def test_shape_rank_sets_what_is_sent_and_what_the_aggregator_takes(
     x = rng.random((300, 3, 32, 32), dtype=np.float32)
     base = {"n_clusters": 6, "variance_threshold": 0.0, "min_size": 5}
     state = ServerStrategy("grbfl", "cnn", 2, base).global_state()
-    data = strategy.LocalData(x, y, 2)
 
-    def update(rank: object) -> dict[str, object]:
-        order = _embed_order({**base, "shape_rank": rank})
-        return strategy.participant_work(
-            order, state, data, "p1", tmp_path, threading.Event()
-        )
+    def update(rank: object) -> dict[str, Any]:
+        return _embed_update(tmp_path, {**base, "shape_rank": rank}, state, x, y)
 
     none = update(0)
     eight = update(8)
