@@ -52,17 +52,17 @@ MAX_SHAPE_RANK = 64
 
 _WIRE_FIELDS = ("labels", "counts", "axes")
 
-# Pooling: up to _EXACT_ROWS x rank stacked rows take an exact SVD; more take a
-# randomized range finder with _OVERSAMPLE extra columns and _POWER_STEPS power
+# Pooling: up to _EXACT_ROWS x rank stacked rows are decomposed exactly; more take
+# a randomized range finder with _OVERSAMPLE extra columns and _POWER_STEPS power
 # iterations, which recovers leading directions to float precision when the
 # spectrum falls off as embedding spectra do.
 _EXACT_ROWS = 4
+_OVERSAMPLE = 8
+_POWER_STEPS = 2
 
 # Slack when checking a shape's variance against its balls': float32 rounding of
 # the centres and the variances, far below any lie that matters.
 _VARIANCE_SLACK = 1e-3
-_OVERSAMPLE = 8
-_POWER_STEPS = 2
 
 
 @dataclass(eq=False)  # arrays have no single truth value to compare by
@@ -284,7 +284,7 @@ def pool_shapes(sets: list[ClassShapes], rank: int = SHAPE_RANK) -> ClassShapes:
 def _top_directions(stacked: np.ndarray, rank: int) -> np.ndarray:
     """The top ``rank`` right singular vectors of stacked, times their values.
 
-    A few participants' worth of rows take one exact SVD. Beyond that (100
+    A few participants' worth of rows are decomposed exactly. Beyond that (100
     participants stack 1,600 rows of 512 dims per class, whose full SVD took 0.14 s
     here, 1.4 s for 10 classes) a seeded randomized range finder with two power
     iterations finds the same leading directions from products with a thin matrix
