@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_GROUPS = {"1 aggregation", "2 wire", "3 orchestration", "4 clustering"}
 
 
+def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.mark.broker
 def test_tiny_benchmark_writes_one_complete_entry_per_figure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -30,13 +41,7 @@ def test_tiny_benchmark_writes_one_complete_entry_per_figure(
     assert all(f"`{key}`" in readme for key in ENTRY_KEYS)
 
     out = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--quiet", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _bench("--tiny", "--quiet", "--out", str(out), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
     document = json.loads(out.read_text())
@@ -63,13 +68,7 @@ def test_tiny_benchmark_writes_one_complete_entry_per_figure(
         assert fig["met"] is expected, fig["name"]
 
     # --show prints the same figures again from the file, measuring nothing.
-    shown = subprocess.run(
-        [sys.executable, "-m", "bench", "--show", "--markdown", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = _bench("--show", "--markdown", "--out", str(out), timeout=60)
     assert shown.returncode == 0, shown.stderr
     for fig in figures:
         assert shown.stdout.count(fig["name"]) >= 2, fig["name"]  # text, Markdown
