@@ -242,10 +242,7 @@ class Link:
         try:
             await self._run()
         finally:
-            steps = list(self._on_connect_tasks)
-            for step in steps:
-                step.cancel()
-            await asyncio.gather(*steps, return_exceptions=True)
+            await cancel_and_wait(set(self._on_connect_tasks))
 
     async def _run(self) -> None:
         delays = backoff_delays()
