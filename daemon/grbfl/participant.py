@@ -47,7 +47,8 @@ class Participant(Node):
         # the update): glibc gives each thread that allocates its own memory arena,
         # and memory freed by training in one thread was not reused by embedding in
         # another. On one thread a ResNet-18 round peaked at 1.80 to 1.84 GiB of
-        # resident memory instead of 2.1 GiB (`make bench`, figure 5).
+        # resident memory instead of 2.1 GiB when this was measured (`make bench`,
+        # figure 5, which reads 1,687 MB on the current code).
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="grbfl-work")
         self.working_key: tuple[str, int, str] | None = None
         # Last answer per (run, round, phase), republished if the aggregator asks
